@@ -12,6 +12,7 @@ Outputs are `[N, HV, V]` in q's dtype.
 `backend="auto"` runs the Triton kernels on CUDA tensors and the PyTorch reference elsewhere; tests pass
 `backend="triton"` on CPU to run the kernels under TRITON_INTERPRET=1. `check_values=False` skips the checks
 that read slot and length values back to the host (CUDA graphs, benchmarks, callers that know them).
+`out`, if given, receives the outputs (`[N, HV, V]`, q's dtype) in place.
 """
 
 from __future__ import annotations
@@ -33,8 +34,21 @@ def _use_triton(backend: Backend, device: torch.device) -> bool:
     return backend == "triton" or (backend == "auto" and device.type == "cuda")
 
 
+def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return result
+    return out.copy_(result)
+
+
+def _check_out(out: torch.Tensor | None, v: torch.Tensor, q: torch.Tensor) -> None:
+    if out is not None:
+        expect("out", out, tuple(v.shape), q.device, (q.dtype,))
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+
+
 def _check_buffered(q, k, v, a, b, A_log, dt_bias, states, buffer, n_req, buf_slots, buf_lens, read_slots,
-                    check_values):
+                    check_values, out):
     N, H, HV, K, V = check_tokens(q, k, v, a, b, A_log, dt_bias)
     dev = q.device
     check_states(states, HV, K, V, dev)
@@ -42,13 +56,14 @@ def _check_buffered(q, k, v, a, b, A_log, dt_bias, states, buffer, n_req, buf_sl
     check_slots("buf_slots", buf_slots, n_req, dev, buffer.num_slots if check_values else None)
     check_slots("buf_lens", buf_lens, n_req, dev, None)
     check_slots("read_slots", read_slots, n_req, dev, states.shape[0] if check_values else None, allow_none=True)
+    _check_out(out, v, q)
     return N
 
 
 def buffered_decode(q, k, v, a, b, A_log, dt_bias, states: torch.Tensor, buffer: BufferPool,
                     buf_slots: torch.Tensor, buf_lens: torch.Tensor, read_slots: torch.Tensor,
                     write_slots: torch.Tensor, scale: float | None = None, backend: Backend = "auto",
-                    check_values: bool = True) -> torch.Tensor:
+                    check_values: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
     """One new token for each of B requests, from checkpoint (read_slots) + buffer; the state is only read.
 
     o_n = e^{G_n} S0^T q_n + sum_{j<=n} e^{G_n-G_j} (q_n.k_j) d_j, with d_n the corrected value. Appends
@@ -58,7 +73,7 @@ def buffered_decode(q, k, v, a, b, A_log, dt_bias, states: torch.Tensor, buffer:
     """
     B = q.shape[0] if isinstance(q, torch.Tensor) else 0
     _check_buffered(q, k, v, a, b, A_log, dt_bias, states, buffer, B, buf_slots, buf_lens, read_slots,
-                    check_values)
+                    check_values, out)
     check_slots("write_slots", write_slots, B, q.device, states.shape[0] if check_values else None,
                 allow_none=True)
     if check_values:
@@ -66,27 +81,29 @@ def buffered_decode(q, k, v, a, b, A_log, dt_bias, states: torch.Tensor, buffer:
     if _use_triton(backend, q.device):
         from .decode import buffered_decode_triton
         return buffered_decode_triton(q, k, v, a, b, A_log, dt_bias, states, buffer, buf_slots, buf_lens,
-                                      read_slots, write_slots, scale)
-    return reference.buffered_decode(q, k, v, a, b, A_log, dt_bias, states, buffer, buf_slots, buf_lens,
-                                     read_slots, write_slots, scale)
+                                      read_slots, write_slots, scale, out=out)
+    return _into(out, reference.buffered_decode(q, k, v, a, b, A_log, dt_bias, states, buffer, buf_slots,
+                                                buf_lens, read_slots, write_slots, scale))
 
 
 def recurrent_decode(q, k, v, a, b, A_log, dt_bias, states: torch.Tensor, slots: torch.Tensor,
                      scale: float | None = None, backend: Backend = "auto",
-                     check_values: bool = True) -> torch.Tensor:
+                     check_values: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
     """The baseline decode: one token per request, reading and writing its whole state every step."""
-    B, H, HV, K, V = check_tokens(q, k, v, a, b, A_log, dt_bias)
+    B, _, HV, K, V = check_tokens(q, k, v, a, b, A_log, dt_bias)
     check_states(states, HV, K, V, q.device)
     check_slots("slots", slots, B, q.device, states.shape[0] if check_values else None)
+    _check_out(out, v, q)
     if _use_triton(backend, q.device):
         from .decode import recurrent_decode_triton
-        return recurrent_decode_triton(q, k, v, a, b, A_log, dt_bias, states, slots, scale)
-    return reference.recurrent_decode(q, k, v, a, b, A_log, dt_bias, states, slots, scale)
+        return recurrent_decode_triton(q, k, v, a, b, A_log, dt_bias, states, slots, scale, out=out)
+    return _into(out, reference.recurrent_decode(q, k, v, a, b, A_log, dt_bias, states, slots, scale))
 
 
 def verify(q, k, v, a, b, A_log, dt_bias, states: torch.Tensor, buffer: BufferPool, cu_seqlens: torch.Tensor,
            buf_slots: torch.Tensor, buf_lens: torch.Tensor, read_slots: torch.Tensor,
-           scale: float | None = None, backend: Backend = "auto", check_values: bool = True) -> torch.Tensor:
+           scale: float | None = None, backend: Backend = "auto", check_values: bool = True,
+           out: torch.Tensor | None = None) -> torch.Tensor:
     """T_i tokens for each request at once (draft verification, or a short prompt into the buffer).
 
     Request i owns tokens cu_seqlens[i]:cu_seqlens[i+1]. Their entries are appended tentatively at
@@ -97,7 +114,7 @@ def verify(q, k, v, a, b, A_log, dt_bias, states: torch.Tensor, buffer: BufferPo
         raise ValueError("cu_seqlens must be a 1-D tensor [B + 1] of token offsets")
     n_req = cu_seqlens.numel() - 1
     N = _check_buffered(q, k, v, a, b, A_log, dt_bias, states, buffer, n_req, buf_slots, buf_lens,
-                        read_slots, check_values)
+                        read_slots, check_values, out)
     expect("cu_seqlens", cu_seqlens, (n_req + 1,), q.device, (torch.int32, torch.int64))
     if check_values:
         counts = cu_seqlens[1:] - cu_seqlens[:-1]
@@ -107,9 +124,9 @@ def verify(q, k, v, a, b, A_log, dt_bias, states: torch.Tensor, buffer: BufferPo
     if _use_triton(backend, q.device):
         from .verify import verify_triton
         return verify_triton(q, k, v, a, b, A_log, dt_bias, states, buffer, cu_seqlens, buf_slots, buf_lens,
-                             read_slots, scale)
-    return reference.verify(q, k, v, a, b, A_log, dt_bias, states, buffer, cu_seqlens, buf_slots, buf_lens,
-                            read_slots, scale)
+                             read_slots, scale, out=out)
+    return _into(out, reference.verify(q, k, v, a, b, A_log, dt_bias, states, buffer, cu_seqlens, buf_slots,
+                                       buf_lens, read_slots, scale))
 
 
 def fold(states: torch.Tensor, buffer: BufferPool, buf_slots: torch.Tensor, buf_lens: torch.Tensor,
@@ -142,13 +159,13 @@ def fold(states: torch.Tensor, buffer: BufferPool, buf_slots: torch.Tensor, buf_
 
 def prefill(q, k, v, a, b, A_log, dt_bias, states: torch.Tensor, cu_seqlens: torch.Tensor,
             read_slots: torch.Tensor, write_slots: torch.Tensor, scale: float | None = None,
-            backend: Backend = "auto", check_values: bool = True) -> torch.Tensor:
+            backend: Backend = "auto", check_values: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
     """Long prompts straight into checkpoints (fla-core's chunked kernel on CUDA).
 
     Starts each request from states[read_slots] (zeros where -1) and writes its final state to
     states[write_slots].
     """
-    N, H, HV, K, V = check_tokens(q, k, v, a, b, A_log, dt_bias)
+    _, _, HV, K, V = check_tokens(q, k, v, a, b, A_log, dt_bias)
     dev = q.device
     check_states(states, HV, K, V, dev)
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
@@ -157,7 +174,10 @@ def prefill(q, k, v, a, b, A_log, dt_bias, states: torch.Tensor, cu_seqlens: tor
     expect("cu_seqlens", cu_seqlens, (n_req + 1,), dev, (torch.int32, torch.int64))
     check_slots("read_slots", read_slots, n_req, dev, states.shape[0] if check_values else None, allow_none=True)
     check_slots("write_slots", write_slots, n_req, dev, states.shape[0] if check_values else None)
+    _check_out(out, v, q)
     if _use_triton(backend, dev):
         from .prefill import prefill_chunked
-        return prefill_chunked(q, k, v, a, b, A_log, dt_bias, states, cu_seqlens, read_slots, write_slots, scale)
-    return reference.prefill(q, k, v, a, b, A_log, dt_bias, states, cu_seqlens, read_slots, write_slots, scale)
+        return _into(out, prefill_chunked(q, k, v, a, b, A_log, dt_bias, states, cu_seqlens, read_slots,
+                                          write_slots, scale))
+    return _into(out, reference.prefill(q, k, v, a, b, A_log, dt_bias, states, cu_seqlens, read_slots,
+                                        write_slots, scale))

@@ -32,8 +32,8 @@ def check_settings(buffer_size: int, chunk_size: int, speculative_num_draft_toke
     if speculative_num_draft_tokens < 0:
         raise ValueError(f"speculative_num_draft_tokens must be >= 0, got {speculative_num_draft_tokens}")
     if chunk_size + speculative_num_draft_tokens > buffer_size:
-        raise ValueError(f"chunk_size + speculative_num_draft_tokens ({chunk_size} + {speculative_num_draft_tokens}) must be <= "
-                         f"buffer_size ({buffer_size})")
+        raise ValueError(f"chunk_size + speculative_num_draft_tokens ({chunk_size} + "
+                         f"{speculative_num_draft_tokens}) must be <= buffer_size ({buffer_size})")
 
 
 def check_tokens(q, k, v, a, b, A_log, dt_bias) -> tuple[int, int, int, int, int]:

@@ -24,6 +24,7 @@ def _decode_kernel(
     scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, HAS_BUFFER: tl.constexpr,
+    FOLD_DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i_v, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hk = i_h // (HV // H)
@@ -49,8 +50,7 @@ def _decode_kernel(
 
     mix_k = tl.zeros([BV], dtype=tl.float32)  # sum_j e^{G-G_j} (k.k_j) d_j
     mix_q = tl.zeros([BV], dtype=tl.float32)  # sum_j e^{G-G_j} (q.k_j) d_j
-    fold = tl.zeros([BV, BK], dtype=tl.float32)  # sum_j e^{G-G_j} d_j k_j^T, only on a flush
-    G = g
+    G = g.to(tl.float64)  # cumulative decays are kept in fp64: their differences lose nothing
     if HAS_BUFFER:
         slot = tl.load(buf_slots + i_b).to(tl.int64)
         n = tl.load(buf_lens + i_b)
@@ -61,30 +61,43 @@ def _decode_kernel(
         for start in range(0, n, BL):
             Kb, Db, Gb, mask_l = load_entries(keys_base, values_base, decay_base, start, n, offs_k, offs_v,
                                               mask_k, mask_v, K, V, BL)
-            w = tl.where(mask_l, tl.exp(G - Gb), 0.0)
+            w = tl.where(mask_l, tl.exp((G - Gb).to(tl.float32)), 0.0)
             mix_k += tl.sum((w * tl.sum(Kb * kn[None, :], axis=1))[:, None] * Db, axis=0)
             mix_q += tl.sum((w * tl.sum(Kb * qn[None, :], axis=1))[:, None] * Db, axis=0)
-            if write >= 0:
-                fold += tl.dot(tl.trans(Db * w[:, None]), Kb, input_precision="ieee")
         # the new entry; its key is stored once per key head, its decay once per value head
         if i_v == 0:
             tl.store(decay_base + n, G)
             if i_h % (HV // H) == 0:
                 tl.store(keys_base + n * K + offs_k, k_raw, mask=mask_k)
 
-    eG = tl.exp(G)
+    eG = tl.exp(G.to(tl.float32))
     d = beta * (vv - eG * tl.sum(S0 * kn[None, :], axis=1) - mix_k)
     o = eG * tl.sum(S0 * qn[None, :], axis=1) + mix_q + tl.sum(qn * kn) * d
     tl.store(out + (i_b * HV + i_h) * V + offs_v, o.to(out.dtype.element_ty), mask=mask_v)
     if HAS_BUFFER:
         tl.store(values_base + n * V + offs_v, d, mask=mask_v)
-    if write >= 0:
-        S = eG * S0 + fold + d[:, None] * kn[None, :]
+    if write >= 0:  # the flush: fold checkpoint + buffer + this token (buffer re-read from cache)
+        S = eG * S0 + d[:, None] * kn[None, :]
+        if HAS_BUFFER:
+            if FOLD_DOT:
+                for start in range(0, n, BL):
+                    Kb, Db, Gb, mask_l = load_entries(keys_base, values_base, decay_base, start, n, offs_k, offs_v,
+                                                      mask_k, mask_v, K, V, BL)
+                    w = tl.where(mask_l, tl.exp((G - Gb).to(tl.float32)), 0.0)
+                    S += tl.dot(tl.trans(Db * w[:, None]), Kb, input_precision=PRECISION)
+            else:
+                for j in range(0, n):
+                    kj = l2norm_vec(tl.load(keys_base + j * K + offs_k, mask=mask_k, other=0.0).to(tl.float32),
+                                    NORM_EPS)
+                    wj = tl.exp((G - tl.load(decay_base + j)).to(tl.float32))
+                    dj = tl.load(values_base + j * V + offs_v, mask=mask_v, other=0.0)
+                    S += (wj * dj)[:, None] * kj[None, :]
         tl.store(states + write * HV * V * K + tile, S, mask=mask_s)
 
 
 def _launch(q, k, v, a, b, A_log, dt_bias, states, buffer, buf_slots, buf_lens, read_slots, write_slots, scale,
-            has_buffer: bool, out=None, block_v: int = 32, block_l: int = 16, num_warps: int = 4) -> torch.Tensor:
+            has_buffer: bool, out=None, block_v: int = 32, block_l: int = 16, num_warps: int = 4,
+            fold_dot: bool = False, precision: str = "tf32x3") -> torch.Tensor:
     B, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     if not states.is_contiguous():
@@ -105,7 +118,8 @@ def _launch(q, k, v, a, b, A_log, dt_bias, states, buffer, buf_slots, buf_lens, 
     _decode_kernel[grid](
         q.contiguous(), k.contiguous(), v.contiguous(), a.contiguous(), b.contiguous(), A_log, dt_bias, out,
         states, keys, values, decay, buf_slots, buf_lens, read_slots, write_slots, scale,
-        H=H, HV=HV, K=K, V=V, L=L, BK=block(K), BV=BV, BL=block_l, HAS_BUFFER=has_buffer, num_warps=num_warps,
+        H=H, HV=HV, K=K, V=V, L=L, BK=block(K), BV=BV, BL=block_l, HAS_BUFFER=has_buffer,
+        FOLD_DOT=fold_dot, PRECISION=precision, num_warps=num_warps,
     )
     return out
 

@@ -18,7 +18,7 @@ from .tiles import block, load_entries
 def _fold_kernel(
     states, buf_keys, buf_values, buf_decay, buf_slots, buf_lens, read_slots, write_slots,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i_v, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hk = i_h // (HV // H)
@@ -39,17 +39,18 @@ def _fold_kernel(
     keys_base = buf_keys + (slot * H + i_hk) * L * K
     values_base = buf_values + (slot * HV + i_h) * L * V
     G_last = tl.load(decay_base + n - 1, mask=n > 0, other=0.0)
-    S = S * tl.exp(G_last)
+    S = S * tl.exp(G_last.to(tl.float32))
     for start in range(0, n, BL):
         Kb, Db, Gb, mask_l = load_entries(keys_base, values_base, decay_base, start, n, offs_k, offs_v,
                                           mask_k, mask_v, K, V, BL)
-        w = tl.where(mask_l, tl.exp(G_last - Gb), 0.0)
-        S += tl.dot(tl.trans(Db * w[:, None]), Kb, input_precision="ieee")
+        w = tl.where(mask_l, tl.exp((G_last - Gb).to(tl.float32)), 0.0)
+        S += tl.dot(tl.trans(Db * w[:, None]), Kb, input_precision=PRECISION)
     tl.store(states + write * HV * V * K + tile, S, mask=mask_v[:, None] & mask_k[None, :])
 
 
 def fold_triton(states, buffer: BufferPool, buf_slots, buf_lens, read_slots, write_slots,
-                block_v: int = 32, block_l: int = 16, num_warps: int = 4) -> None:
+                block_v: int = 32, block_l: int = 16, num_warps: int = 4,
+                precision: str = "tf32x3") -> None:
     n_req = buf_slots.numel()
     if n_req == 0:
         return
@@ -58,5 +59,6 @@ def fold_triton(states, buffer: BufferPool, buf_slots, buf_lens, read_slots, wri
     BV = min(block(V), block_v)
     _fold_kernel[(triton.cdiv(V, BV), n_req, HV)](
         states, buffer.keys, buffer.values, buffer.decay, buf_slots, buf_lens, read_slots, write_slots,
-        H=H, HV=HV, K=K, V=V, L=buffer.capacity, BK=block(K), BV=BV, BL=block_l, num_warps=num_warps,
+        H=H, HV=HV, K=K, V=V, L=buffer.capacity, BK=block(K), BV=BV, BL=block_l, PRECISION=precision,
+        num_warps=num_warps,
     )

@@ -103,12 +103,13 @@ def recurrent_decode(q, k, v, a, b, A_log, dt_bias, states: torch.Tensor, slots:
 def verify(q, k, v, a, b, A_log, dt_bias, states: torch.Tensor, buffer: BufferPool, cu_seqlens: torch.Tensor,
            buf_slots: torch.Tensor, buf_lens: torch.Tensor, read_slots: torch.Tensor,
            scale: float | None = None, backend: Backend = "auto", check_values: bool = True,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, max_tokens: int | None = None) -> torch.Tensor:
     """T_i tokens for each request at once (draft verification, or a short prompt into the buffer).
 
     Request i owns tokens cu_seqlens[i]:cu_seqlens[i+1]. Their entries are appended tentatively at
     buf_lens[i] + t; no state is written and no per-draft state is kept. Committing `accepted` tokens is
-    `buf_lens += accepted`: rows depend only on earlier rows, so the kept prefix is exact.
+    `buf_lens += accepted`: rows depend only on earlier rows, so the kept prefix is exact. `max_tokens`, the
+    most tokens any request has, spares reading cu_seqlens back (needed inside CUDA graphs).
     """
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError("cu_seqlens must be a 1-D tensor [B + 1] of token offsets")
@@ -124,7 +125,7 @@ def verify(q, k, v, a, b, A_log, dt_bias, states: torch.Tensor, buffer: BufferPo
     if _use_triton(backend, q.device):
         from .verify import verify_triton
         return verify_triton(q, k, v, a, b, A_log, dt_bias, states, buffer, cu_seqlens, buf_slots, buf_lens,
-                             read_slots, scale, out=out)
+                             read_slots, scale, out=out, max_tokens=max_tokens)
     return _into(out, reference.verify(q, k, v, a, b, A_log, dt_bias, states, buffer, cu_seqlens, buf_slots,
                                        buf_lens, read_slots, scale))
 

@@ -24,7 +24,8 @@ class BufferPool:
 
     keys:   `[slots, H, L, K]`  raw keys as the model produced them (normalized on read)
     values: `[slots, HV, L, V]` corrected values d_j (fp32, or fp64 in reference checks)
-    decay:  `[slots, HV, L]`    cumulative log decay G_j since the checkpoint
+    decay:  `[slots, HV, L]`    cumulative log decay G_j since the checkpoint (fp64: differences of large
+                                 cumulative sums keep full precision; 8 bytes per head per entry)
     """
 
     keys: torch.Tensor
@@ -34,11 +35,12 @@ class BufferPool:
     @classmethod
     def allocate(cls, num_slots: int, capacity: int, num_k_heads: int, num_v_heads: int, head_k_dim: int,
                  head_v_dim: int, key_dtype: torch.dtype = torch.bfloat16,
-                 value_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> BufferPool:
+                 value_dtype: torch.dtype = torch.float32, decay_dtype: torch.dtype = torch.float64,
+                 device: torch.device | str = "cpu") -> BufferPool:
         return cls(
             keys=torch.zeros(num_slots, num_k_heads, capacity, head_k_dim, device=device, dtype=key_dtype),
             values=torch.zeros(num_slots, num_v_heads, capacity, head_v_dim, device=device, dtype=value_dtype),
-            decay=torch.zeros(num_slots, num_v_heads, capacity, device=device, dtype=value_dtype),
+            decay=torch.zeros(num_slots, num_v_heads, capacity, device=device, dtype=decay_dtype),
         )
 
     @property

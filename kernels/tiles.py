@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-NORM_EPS = 1e-6
+NORM_EPS = tl.constexpr(1e-6)  # same epsilon as the reference and fla-core
 
 
 @triton.jit

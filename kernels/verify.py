@@ -26,7 +26,7 @@ def _verify_kernel(
     cu_seqlens, buf_slots, buf_lens, read_slots,
     offset, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i_v, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hk = i_h // (HV // H)
@@ -61,23 +61,23 @@ def _verify_kernel(
         decay_base = buf_decay + (slot * HV + i_h) * L
         keys_base = buf_keys + (slot * H + i_hk) * L * K
         values_base = buf_values + (slot * HV + i_h) * L * V
-        G = tl.load(decay_base + n - 1, mask=n > 0, other=0.0) + tl.cumsum(g, axis=0)  # [BT]
+        G = tl.load(decay_base + n - 1, mask=n > 0, other=0.0) + tl.cumsum(g.to(tl.float64), axis=0)  # [BT]
 
         mix_k = tl.zeros([BT, BV], dtype=tl.float32)
         mix_q = tl.zeros([BT, BV], dtype=tl.float32)
         for start in range(0, n, BL):
             Kb, Db, Gb, mask_l = load_entries(keys_base, values_base, decay_base, start, n, offs_k, offs_v,
                                               mask_k, mask_v, K, V, BL)
-            W = tl.where(mask_l[None, :], tl.exp(G[:, None] - Gb[None, :]), 0.0)  # [BT, BL]
-            mix_k += tl.dot(tl.dot(Kn, tl.trans(Kb), input_precision="ieee") * W, Db, input_precision="ieee")
-            mix_q += tl.dot(tl.dot(Qn, tl.trans(Kb), input_precision="ieee") * W, Db, input_precision="ieee")
+            W = tl.where(mask_l[None, :], tl.exp((G[:, None] - Gb[None, :]).to(tl.float32)), 0.0)  # [BT, BL]
+            mix_k += tl.dot(tl.dot(Kn, tl.trans(Kb), input_precision=PRECISION) * W, Db, input_precision=PRECISION)
+            mix_q += tl.dot(tl.dot(Qn, tl.trans(Kb), input_precision=PRECISION) * W, Db, input_precision=PRECISION)
 
-        eG = tl.exp(G)
+        eG = tl.exp(G.to(tl.float32))
         causal = offs_t[:, None] >= offs_t[None, :]
-        Gamma = tl.where(causal, tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0)), 0.0)
-        rhs = beta[:, None] * (Vt - eG[:, None] * tl.dot(Kn, tl.trans(S0), input_precision="ieee") - mix_k)
+        Gamma = tl.where(causal, tl.exp(tl.where(causal, G[:, None] - G[None, :], 0.0).to(tl.float32)), 0.0)
+        rhs = beta[:, None] * (Vt - eG[:, None] * tl.dot(Kn, tl.trans(S0), input_precision=PRECISION) - mix_k)
         A = tl.where(offs_t[:, None] > offs_t[None, :],
-                     beta[:, None] * tl.dot(Kn, tl.trans(Kn), input_precision="ieee") * Gamma, 0.0)
+                     beta[:, None] * tl.dot(Kn, tl.trans(Kn), input_precision=PRECISION) * Gamma, 0.0)
         D = tl.zeros([BT, BV], dtype=tl.float32)
         for i in range(T):  # forward substitution: row i needs only rows < i
             row = offs_t == i
@@ -85,8 +85,8 @@ def _verify_kernel(
             d_i = tl.sum(tl.where(row[:, None], rhs, 0.0), axis=0) - tl.sum(a_i[:, None] * D, axis=0)
             D = tl.where(row[:, None], d_i[None, :], D)
 
-        O = (eG[:, None] * tl.dot(Qn, tl.trans(S0), input_precision="ieee") + mix_q
-             + tl.dot(tl.dot(Qn, tl.trans(Kn), input_precision="ieee") * Gamma, D, input_precision="ieee"))
+        O = (eG[:, None] * tl.dot(Qn, tl.trans(S0), input_precision=PRECISION) + mix_q
+             + tl.dot(tl.dot(Qn, tl.trans(Kn), input_precision=PRECISION) * Gamma, D, input_precision=PRECISION))
         mask_tv = mask_t[:, None] & mask_v[None, :]
         tl.store(out + (tok[:, None] * HV + i_h) * V + offs_v[None, :], O.to(out.dtype.element_ty), mask=mask_tv)
         tl.store(values_base + (n + offs_t[:, None]) * V + offs_v[None, :], D, mask=mask_tv)
@@ -97,15 +97,16 @@ def _verify_kernel(
 
 
 def verify_triton(q, k, v, a, b, A_log, dt_bias, states, buffer: BufferPool, cu_seqlens, buf_slots, buf_lens,
-                  read_slots, scale=None, out=None, block_v: int = 32, block_l: int = 16,
-                  num_warps: int = 4) -> torch.Tensor:
+                  read_slots, scale=None, out=None, max_tokens: int | None = None, block_v: int = 32,
+                  block_l: int = 16, num_warps: int = 4,
+                precision: str = "tf32x3") -> torch.Tensor:
     N, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     out = torch.empty(N, HV, V, dtype=q.dtype, device=q.device) if out is None else out
     n_req = cu_seqlens.numel() - 1
     if N == 0 or n_req == 0:
         return out
-    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if max_tokens is None else max_tokens
     BT = block(min(longest, MAX_TOKENS_PER_ROUND))
     BV = min(block(V), block_v)
     scale = K ** -0.5 if scale is None else scale
@@ -114,6 +115,6 @@ def verify_triton(q, k, v, a, b, A_log, dt_bias, states, buffer: BufferPool, cu_
     for offset in range(0, longest, BT):
         _verify_kernel[(triton.cdiv(V, BV), n_req, HV)](
             *args, offset, scale, H=H, HV=HV, K=K, V=V, L=buffer.capacity, BK=block(K), BV=BV, BL=block_l, BT=BT,
-            num_warps=num_warps,
+            PRECISION=precision, num_warps=num_warps,
         )
     return out

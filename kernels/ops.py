@@ -79,7 +79,7 @@ def buffered_decode(q, k, v, a, b, A_log, dt_bias, states: torch.Tensor, buffer:
     if check_values:
         check_room(buf_lens, 1, buffer.capacity)
     if _use_triton(backend, q.device):
-        from .decode import buffered_decode_triton
+        from .step import buffered_decode_triton
         return buffered_decode_triton(q, k, v, a, b, A_log, dt_bias, states, buffer, buf_slots, buf_lens,
                                       read_slots, write_slots, scale, out=out)
     return _into(out, reference.buffered_decode(q, k, v, a, b, A_log, dt_bias, states, buffer, buf_slots,
@@ -95,7 +95,7 @@ def recurrent_decode(q, k, v, a, b, A_log, dt_bias, states: torch.Tensor, slots:
     check_slots("slots", slots, B, q.device, states.shape[0] if check_values else None)
     _check_out(out, v, q)
     if _use_triton(backend, q.device):
-        from .decode import recurrent_decode_triton
+        from .step import recurrent_decode_triton
         return recurrent_decode_triton(q, k, v, a, b, A_log, dt_bias, states, slots, scale, out=out)
     return _into(out, reference.recurrent_decode(q, k, v, a, b, A_log, dt_bias, states, slots, scale))
 
@@ -123,7 +123,7 @@ def verify(q, k, v, a, b, A_log, dt_bias, states: torch.Tensor, buffer: BufferPo
             raise ValueError(f"cu_seqlens must rise from 0 to the number of tokens ({N})")
         check_room(buf_lens, counts, buffer.capacity)
     if _use_triton(backend, q.device):
-        from .verify import verify_triton
+        from .step import verify_triton
         return verify_triton(q, k, v, a, b, A_log, dt_bias, states, buffer, cu_seqlens, buf_slots, buf_lens,
                              read_slots, scale, out=out, max_tokens=max_tokens)
     return _into(out, reference.verify(q, k, v, a, b, A_log, dt_bias, states, buffer, cu_seqlens, buf_slots,

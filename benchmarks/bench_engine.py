@@ -1,0 +1,246 @@
+"""Native-engine benchmark: decode speed by path, concurrency under a state-memory budget, state held per request.
+
+Tables (markdown, to paste into docs/BENCHMARKS.md):
+  1. decode throughput and time per output token at batch 1..256: kvbuffer (buffered and stateless paths) vs
+     recurrent, with the share of forward time spent in the Gated DeltaNet layers;
+  2. maximum concurrent requests under one fixed state-memory budget with 4 speculative draft tokens:
+     KVBuffer (checkpoint + buffer) vs a recurrent baseline that keeps one state per draft token;
+  3. state memory held per request, measured on the engine, for contexts under buffer_size and beyond.
+
+The model has Qwen3-Next-80B-A3B's attention and Gated DeltaNet shapes (hidden 2048; GDN 16 key / 32 value
+heads of dim 128; attention 16 heads, 2 KV heads of dim 256) with fewer layers and experts, random weights,
+bf16. On CUDA the KVBuffer ops run the Triton kernels. `--device cpu --tiny` is the CPU smoke test.
+
+    python benchmarks/bench_engine.py                      # GPU, full tables
+    python benchmarks/bench_engine.py --device cpu --tiny  # smoke test on the embedded tiny model
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from kvbuffer.service.engine.api import GenerateRequest, SamplingParams
+from kvbuffer.service.engine.config import EngineConfig
+from kvbuffer.service.engine.core import EngineCore
+from kvbuffer.service.engine.memory import slot_bytes
+from kvbuffer.service.model import LoadedModel, ModelConfig, empty_model, tiny
+from kvbuffer.service.model.gdn import GatedDeltaNet
+from kvbuffer.service.model.tokenizer import ByteTokenizer
+
+MiB = 2**20
+
+# Qwen3-Next-80B-A3B's shapes, 8 layers (3 GDN : 1 attention, as in the real model) and 32 of its 512 experts
+BENCH_MODEL = {
+    **tiny.CONFIG,
+    "vocab_size": 151936, "hidden_size": 2048, "num_hidden_layers": 8,
+    "layer_types": ["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3 + ["full_attention"],
+    "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25},
+    "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4,
+    "intermediate_size": 5120, "num_experts": 32, "num_experts_per_tok": 10, "moe_intermediate_size": 512,
+    "shared_expert_intermediate_size": 512, "mlp_only_layers": [],
+}
+
+
+def build_model(tiny_model: bool, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    cfg = ModelConfig.from_dict(tiny.CONFIG if tiny_model else BENCH_MODEL)
+    model = empty_model(cfg, device, dtype)
+    tiny.init_seeded(model, seed=0)
+    return LoadedModel("bench", model, ByteTokenizer(), cfg)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class GdnTimer:
+    """Time spent inside GatedDeltaNet layers (CUDA events on GPU, wall clock on CPU)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.cuda, self.spans, self.total = device.type == "cuda", [], 0.0
+        self.handles = []
+        for m in model.modules():
+            if isinstance(m, GatedDeltaNet):
+                self.handles.append(m.register_forward_pre_hook(lambda *_: self._mark()))
+                self.handles.append(m.register_forward_hook(lambda *_: self._mark()))
+
+    def _mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.spans.append(event)
+        else:
+            self.spans.append(time.perf_counter())
+
+    def collect(self) -> float:
+        """Seconds in GDN layers since the last collect (call after a device sync)."""
+        pairs = zip(self.spans[::2], self.spans[1::2], strict=True)
+        t = sum(a.elapsed_time(b) / 1e3 if self.cuda else b - a for a, b in pairs)
+        self.spans = []
+        return t
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def add_requests(core: EngineCore, batch: int, prompt_len: int, new_tokens: int, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(batch):
+        prompt = torch.randint(0, 256, (prompt_len,), generator=gen).tolist()
+        req = GenerateRequest(f"r{i}", prompt_token_ids=tuple(prompt),
+                              sampling=SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+        core.add(req, core.validate(req))
+
+
+def engine_config(args, batch: int, prompt_len: int, **overrides) -> EngineConfig:
+    return EngineConfig(device=args.device, dtype=args.dtype, buffer_size=args.buffer_size,
+                        chunk_size=args.chunk_size, max_running_requests=batch,
+                        max_num_batched_tokens=max(2048, batch * prompt_len),
+                        max_context_length=prompt_len + args.steps + 64,
+                        memory_budget_bytes=args.memory_budget_mib * MiB, **overrides)
+
+
+def decode_table(args, loaded: LoadedModel, device: torch.device) -> None:
+    """Steps timed once every request decodes (prefill and warm-up excluded); a multiple of chunk_size
+    steps, so flushes are included at their real rate."""
+    long_prompt = args.buffer_size + 32
+    variants = [("recurrent", "recurrent", long_prompt), ("kvbuffer", "buffered", long_prompt),
+                ("kvbuffer", "stateless", 8)]
+    print("\n### 1. Decode: time per output token and throughput\n")
+    print(f"{args.model_desc}; buffer_size {args.buffer_size}, chunk_size {args.chunk_size}; "
+          f"{args.steps} decode steps timed after {args.warmup} warm-up steps.\n")
+    print("GDN share: time inside the Gated DeltaNet layers / model forward time. step: the whole engine "
+          "step (scheduling, forward, sampling, streaming).\n")
+    print("| batch | decode_mode | path | step (ms) | TPOT (ms) | tokens/s | forward (ms) | GDN share "
+          "| step vs recurrent |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for batch in args.batches:
+        base = None
+        for mode, path, prompt_len in variants:
+            core = EngineCore(engine_config(args, batch, prompt_len, decode_mode=mode), loaded)
+            if core.plan.request_slots < batch:
+                print(f"| {batch} | {mode} | {path} | memory budget too small (--memory-budget-mib) | | | | | |")
+                continue
+            add_requests(core, batch, prompt_len, args.warmup + args.steps + 2)
+            while any(not s.in_decode for s in core.scheduler.running) or core.scheduler.waiting:
+                core.step()
+            for _ in range(args.warmup):
+                core.step()
+            forward, timer = 0.0, GdnTimer(loaded.model, device)
+            run = core.runner.run
+
+            def timed_run(b, run=run):
+                nonlocal forward
+                sync(device)
+                t0 = time.perf_counter()
+                out = run(b)
+                sync(device)
+                forward += time.perf_counter() - t0
+                return out
+
+            core.runner.run = timed_run
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                core.step()
+            sync(device)
+            step = (time.perf_counter() - t0) / args.steps
+            gdn = timer.collect()
+            timer.close()
+            paths = core.stats().tokens_by_path
+            assert paths[path] > 0, f"expected {path} decode, got {paths}"
+            base = step if mode == "recurrent" else base
+            ratio = f"{step / base:.2f}" if base else "-"
+            print(f"| {batch} | {mode} | {path} | {step * 1e3:.2f} | {step * 1e3:.2f} | {batch / step:.0f} | "
+                  f"{forward / args.steps * 1e3:.2f} | {gdn / forward:.0%} | {ratio} |", flush=True)
+
+
+def concurrency_table(args, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    """Per request, KVBuffer holds its buffer always and a checkpoint once its context reaches buffer_size;
+    drafts need no extra state. The recurrent baseline holds its state plus one state per draft token.
+    Bytes come from the engine's own pool accounting (conv states, equal in both, left out)."""
+    drafts, budget = 4, args.state_budget_mib * MiB
+    print("\n### 2. Concurrent requests under one state-memory budget, speculation with 4 draft tokens\n")
+    print(f"State-memory budget {args.state_budget_mib} MiB over {len(cfg.linear_layers)} GDN layers.\n")
+    print("| buffer_size | chunk_size | context | KVBuffer MiB/request | recurrent + drafts MiB/request "
+          "| KVBuffer requests | recurrent requests | ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for chunk in sorted({args.chunk_size, 16}):
+        for buffer_size in sorted({chunk + drafts, max(args.buffer_size, chunk + drafts)}):
+            ec = EngineConfig(buffer_size=buffer_size, chunk_size=chunk, speculative_algorithm="ngram",
+                              speculative_num_draft_tokens=drafts)
+            req, state, _ = slot_bytes(cfg, ec, dtype)
+            conv = len(cfg.linear_layers) * (cfg.linear_conv_kernel_dim - 1) * cfg.conv_dim * dtype.itemsize
+            buffer = req - conv
+            recurrent = (1 + drafts) * state
+            for label, kv in ((f"< {buffer_size} tokens", buffer), (f">= {buffer_size} tokens", buffer + state)):
+                n_kv, n_rec = budget // kv, budget // recurrent
+                print(f"| {buffer_size} | {chunk} | {label} | {kv / MiB:.2f} | {recurrent / MiB:.2f} | {n_kv} | "
+                      f"{n_rec} | {n_kv / max(n_rec, 1):.1f}x |")
+
+
+def state_memory_table(args, loaded: LoadedModel, device: torch.device) -> None:
+    """Measured: peak checkpoint slots held while requests run, times the bytes of one slot."""
+    print("\n### 3. State memory held per request (measured on the engine)\n")
+    print("| decode_mode | context (prompt + generated) | requests | peak checkpoint slots | "
+          "checkpoint MiB/request | buffer + conv MiB/request |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    batch = min(args.batches[-1], 16)
+    short_new = args.buffer_size // 2
+    cases = [("kvbuffer", 8, short_new), ("kvbuffer", args.buffer_size + 32, 8),
+             ("recurrent", 8, short_new)]
+    for mode, prompt_len, new in cases:
+        core = EngineCore(engine_config(args, batch, prompt_len, decode_mode=mode), loaded)
+        add_requests(core, batch, prompt_len, new)
+        peak = 0
+        while core.has_work():
+            core.step()
+            peak = max(peak, core.memory.state_slots_used)
+        plan = core.plan
+        print(f"| {mode} | {prompt_len + new} | {batch} | {peak} | "
+              f"{peak * plan.state_slot_bytes / batch / MiB:.2f} | {plan.request_slot_bytes / MiB:.2f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--tiny", action="store_true", help="the embedded tiny model and small batches (smoke test)")
+    p.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 2 4 ... 256; tiny: 1 2 4 8)")
+    p.add_argument("--buffer-size", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=32)
+    p.add_argument("--steps", type=int, help="timed decode steps (default 2 * chunk_size; tiny: chunk_size)")
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--memory-budget-mib", type=int, help="engine pool budget (default 40960; tiny: 256)")
+    p.add_argument("--state-budget-mib", type=int, default=8192, help="state-memory budget of table 2")
+    p.add_argument("--tables", default="123", help="which tables to print, e.g. 13")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("CUDA is not available; use --device cpu --tiny for the CPU smoke test")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    args.dtype = str(dtype).removeprefix("torch.")
+    args.batches = args.batches or ([1, 2, 4, 8] if args.tiny else [1, 2, 4, 8, 16, 32, 64, 128, 256])
+    args.steps = args.steps or (args.chunk_size if args.tiny else 2 * args.chunk_size)
+    args.memory_budget_mib = args.memory_budget_mib or (256 if args.tiny else 40960)
+    loaded = build_model(args.tiny, device, dtype)
+    cfg = loaded.config
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    args.model_desc = (f"{'tiny' if args.tiny else 'Qwen3-Next shapes'}: hidden {cfg.hidden_size}, "
+                       f"{len(cfg.linear_layers)} GDN + {len(cfg.attention_layers)} attention layers, "
+                       f"{cfg.num_experts} experts, {args.dtype} on {where}")
+    print(f"# bench_engine: {args.model_desc}")
+    if "1" in args.tables:
+        decode_table(args, loaded, device)
+    if "2" in args.tables:
+        concurrency_table(args, cfg, dtype)
+    if "3" in args.tables:
+        state_memory_table(args, loaded, device)
+
+
+if __name__ == "__main__":
+    main()

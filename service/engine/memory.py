@@ -1,0 +1,146 @@
+"""The memory manager: owns every per-request pool, sized once at start from `memory_budget_bytes`.
+
+Per GDN layer: a checkpoint pool `[state slots, HV, V, K]` fp32, a BufferPool and conv states (both indexed
+by request slot). Per full-attention layer: a paged KV cache of `block_size`-token blocks. A running request
+holds one request slot, the KV blocks its context covers, and a checkpoint slot only once its context
+outgrows the buffer (or always, with decode_mode=recurrent). Nothing grows after start.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from kvbuffer.kernels import BufferPool, new_state_pool
+
+from ..model import ModelConfig, Qwen3NextForCausalLM
+from .config import EngineConfig
+from .kvstate import GdnStep, buf_len_after, plan_step
+from .sequence import Sequence
+
+BLOCK_SIZE = 16
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Pool sizes and what one slot of each costs, over all layers."""
+
+    request_slots: int
+    state_slots: int
+    kv_blocks: int
+    block_size: int
+    request_slot_bytes: int  # buffers + conv states
+    state_slot_bytes: int  # checkpoints
+    kv_block_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.request_slots * self.request_slot_bytes + self.state_slots * self.state_slot_bytes
+                + self.kv_blocks * self.kv_block_bytes)
+
+
+def slot_bytes(cfg: ModelConfig, ec: EngineConfig, dtype: torch.dtype) -> tuple[int, int, int]:
+    """Bytes of one request slot, one checkpoint slot and one KV block, summed over layers."""
+    n_gdn, n_attn, size = len(cfg.linear_layers), len(cfg.attention_layers), dtype.itemsize
+    H, HV, K, V = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                   cfg.linear_value_head_dim)
+    buffer = 0 if ec.decode_mode == "recurrent" else ec.buffer_size * (H * K * size + HV * V * 4 + HV * 4)
+    conv = (cfg.linear_conv_kernel_dim - 1) * cfg.conv_dim * size
+    state = HV * V * K * 4
+    block = 2 * BLOCK_SIZE * cfg.num_key_value_heads * cfg.head_dim * size
+    return n_gdn * (buffer + conv), n_gdn * state, n_attn * block
+
+
+def plan_memory(cfg: ModelConfig, ec: EngineConfig, dtype: torch.dtype) -> MemoryPlan:
+    """Sizes the pools from the budget.
+
+    The KV cache first gets room for one request of max_context_length (so any single request can always
+    run). Every request slot comes with a checkpoint slot, so admitted requests never wait on checkpoints;
+    the number of request slots is what the rest of the budget affords, capped at max_running_requests.
+    The KV cache takes the remainder, capped at what the request slots could ever use.
+    """
+    req, state, block = slot_bytes(cfg, ec, dtype)
+    blocks_per_request = math.ceil(ec.max_context_length / BLOCK_SIZE)
+    left = ec.memory_budget_bytes - blocks_per_request * block
+    slots = min(ec.max_running_requests, left // (req + state)) if left > 0 else 0
+    if slots < 1:
+        need = blocks_per_request * block + req + state
+        raise ValueError(f"memory_budget_bytes ({ec.memory_budget_bytes}) is too small: one request of "
+                         f"max_context_length {ec.max_context_length} needs {need} bytes")
+    blocks = blocks_per_request
+    if block:
+        blocks = min(blocks_per_request * slots, (ec.memory_budget_bytes - slots * (req + state)) // block)
+    return MemoryPlan(slots, slots, blocks, BLOCK_SIZE, req, state, block)
+
+
+class MemoryManager:
+    """Allocates pools, binds them to the model's layers, and hands slots and blocks to requests."""
+
+    def __init__(self, model: Qwen3NextForCausalLM, ec: EngineConfig, plan: MemoryPlan,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        cfg = model.config
+        self.config, self.plan = ec, plan
+        for layer in model.gdn_layers():
+            layer.states = new_state_pool(plan.state_slots, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                                          cfg.linear_value_head_dim, device=device)
+            layer.buffer = None if ec.decode_mode == "recurrent" else BufferPool.allocate(
+                plan.request_slots, ec.buffer_size, cfg.linear_num_key_heads, cfg.linear_num_value_heads,
+                cfg.linear_key_head_dim, cfg.linear_value_head_dim, key_dtype=dtype, device=device)
+            layer.conv_state = torch.zeros(plan.request_slots, cfg.linear_conv_kernel_dim - 1, cfg.conv_dim,
+                                           device=device, dtype=dtype)
+        rows = plan.kv_blocks * plan.block_size
+        for layer in model.attention_layers():
+            layer.k_cache = torch.zeros(rows, cfg.num_key_value_heads, cfg.head_dim, device=device, dtype=dtype)
+            layer.v_cache = torch.zeros_like(layer.k_cache)
+        self._gdn_layers = model.gdn_layers()
+        self.free_request_slots = deque(range(plan.request_slots))
+        self.free_state_slots = deque(range(plan.state_slots))
+        self.free_blocks = deque(range(plan.kv_blocks))
+
+    def plan_step(self, seq: Sequence, n: int) -> GdnStep:
+        ec = self.config
+        return plan_step(ec.decode_mode, seq.state_slot >= 0, seq.buf_len, n, ec.buffer_size, ec.chunk_size)
+
+    def try_reserve(self, seq: Sequence, n: int) -> GdnStep | None:
+        """Everything `seq` needs to process n more tokens (request slot, blocks, checkpoint), or None."""
+        step = self.plan_step(seq, n)
+        blocks = math.ceil((seq.num_computed + n) / self.plan.block_size) - len(seq.block_table)
+        if (seq.req_slot < 0 and not self.free_request_slots) or blocks > len(self.free_blocks) or (
+                step.takes_slot and not self.free_state_slots):
+            return None
+        if seq.req_slot < 0:
+            seq.req_slot = self.free_request_slots.popleft()
+            for layer in self._gdn_layers:
+                layer.conv_state[seq.req_slot].zero_()
+        seq.block_table.extend(self.free_blocks.popleft() for _ in range(max(blocks, 0)))
+        if step.takes_slot:
+            seq.state_slot = self.free_state_slots.popleft()
+        return step
+
+    def commit(self, seq: Sequence, step: GdnStep, accepted: int) -> None:
+        """After a step: `accepted` tokens are in the caches; blocks past them (rejected drafts) go back."""
+        seq.buf_len = buf_len_after(step, seq.buf_len, accepted)
+        seq.num_computed += accepted
+        keep = math.ceil(seq.num_computed / self.plan.block_size)
+        while len(seq.block_table) > keep:
+            self.free_blocks.append(seq.block_table.pop())
+
+    def free(self, seq: Sequence) -> None:
+        """Returns every slot and block of `seq` at once; it restarts from scratch if it runs again."""
+        if seq.req_slot >= 0:
+            self.free_request_slots.append(seq.req_slot)
+        if seq.state_slot >= 0:
+            self.free_state_slots.append(seq.state_slot)
+        self.free_blocks.extend(seq.block_table)
+        seq.req_slot, seq.state_slot, seq.buf_len, seq.num_computed = -1, -1, 0, 0
+        seq.block_table = []
+
+    @property
+    def state_slots_used(self) -> int:
+        return self.plan.state_slots - len(self.free_state_slots)
+
+    @property
+    def request_slots_used(self) -> int:
+        return self.plan.request_slots - len(self.free_request_slots)

@@ -1,0 +1,46 @@
+"""Output processing: stop conditions on new tokens, and the text delta to stream (stop strings included)."""
+
+from __future__ import annotations
+
+from ..model import Tokenizer
+from .api import FinishReason
+from .sequence import Sequence
+
+
+def append_tokens(seq: Sequence, tokens: list[int], eos_ids: tuple[int, ...], max_context_length: int
+                  ) -> tuple[list[int], FinishReason | None]:
+    """Appends emitted tokens up to the first stop; returns those appended and the finish reason, if any."""
+    p = seq.sampling
+    stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids))
+    for i, t in enumerate(tokens):
+        seq.token_ids.append(t)
+        if t in stops:
+            return tokens[:i + 1], "stop"
+        if seq.num_tokens - seq.prompt_len >= p.max_new_tokens or seq.num_tokens >= max_context_length:
+            return tokens[:i + 1], "length"
+    return tokens, None
+
+
+def text_delta(seq: Sequence, tokenizer: Tokenizer, finished: bool) -> tuple[str, bool]:
+    """New text since the last call, and whether a stop string ended it (text is cut before the stop string).
+
+    Until the request finishes, text that may still change is held back: an incomplete UTF-8 sequence (U+FFFD
+    at the end) and a tail that could be the start of a stop string.
+    """
+    text = tokenizer.decode(seq.output_ids)
+    stops = seq.sampling.stop_strings
+    scan_from = max(0, len(seq.sent_text) - max((len(s) for s in stops), default=0))
+    hits = [i for i in (text.find(s, scan_from) for s in stops) if i >= 0]
+    if hits:
+        end, stopped = min(hits), True
+    elif finished:
+        end, stopped = len(text), False
+    else:
+        end, stopped = len(text.rstrip("\ufffd")), False
+        for s in stops:
+            end = min(end, next((end - k for k in range(min(len(s) - 1, end), 0, -1)
+                                 if text[:end].endswith(s[:k])), end))
+    end = max(end, len(seq.sent_text))
+    delta = text[len(seq.sent_text):end]
+    seq.sent_text += delta
+    return delta, stopped

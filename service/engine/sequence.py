@@ -1,0 +1,49 @@
+"""A request as the engine tracks it: its tokens, where its memory is, and what has been streamed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+import torch
+
+from .api import FinishReason, RequestStats, SamplingParams
+
+
+class Status(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    token_ids: list[int]  # prompt, then generated tokens
+    prompt_len: int
+    sampling: SamplingParams
+    generator: torch.Generator | None  # None for greedy
+    status: Status = Status.WAITING
+    num_computed: int = 0  # tokens whose keys, values and state updates are in the caches
+    # memory, owned by the MemoryManager
+    req_slot: int = -1  # buffer + conv-state slot
+    state_slot: int = -1  # checkpoint slot, -1 while stateless
+    buf_len: int = 0  # entries in its buffer (the same in every GDN layer)
+    block_table: list[int] = field(default_factory=list)
+    drafts: list[int] = field(default_factory=list)  # speculative tokens proposed for the next step
+    stats: RequestStats = field(default_factory=RequestStats)
+    finish_reason: FinishReason | None = None
+    sent_text: str = ""  # text already streamed
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def in_decode(self) -> bool:
+        """Only the last sampled token is not yet in the caches."""
+        return self.num_computed == self.num_tokens - 1

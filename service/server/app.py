@@ -1,0 +1,180 @@
+"""Server assembly: the engine behind the kvbuffer.v1 servicer, plus standard health and reflection services,
+optional TLS and bearer-token auth, the Prometheus endpoint, and the graceful drain that SIGTERM starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from kvbuffer.service.engine.api import Engine
+from kvbuffer.service.server.admission import Admission
+from kvbuffer.service.server.servicer import KVBufferServicer
+from kvbuffer.service.server.settings import ServiceSettings
+from kvbuffer.service.server.telemetry import Telemetry
+from kvbuffer.v1 import SERVICE_NAME
+from kvbuffer.v1 import kvbuffer_pb2_grpc as pb_grpc
+from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.trace import SpanProcessor
+
+log = logging.getLogger(__name__)
+
+HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
+
+
+class StartupError(RuntimeError):
+    """The server cannot start as configured; the message names the setting involved."""
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Rejects RPCs lacking `authorization: Bearer <token>` with UNAUTHENTICATED; health checks stay open so
+    that Kubernetes probes and load balancers need no token."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if (handler is None or handler_call_details.method.startswith(HEALTH_METHOD_PREFIX)
+                or self._authorized(handler_call_details.invocation_metadata or ())):
+            return handler
+        return _unauthenticated(handler)
+
+    def _authorized(self, metadata: Sequence[tuple[str, str | bytes]]) -> bool:
+        values = [value for key, value in metadata if key == "authorization"]
+        given = values[0] if len(values) == 1 else ""
+        return hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected)
+
+
+def _unauthenticated(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as handler that answers UNAUTHENTICATED."""
+    async def reject(_request: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                            "missing or wrong bearer token (metadata `authorization: Bearer <token>`)")
+
+    factory = {(False, False): grpc.unary_unary_rpc_method_handler,
+               (False, True): grpc.unary_stream_rpc_method_handler,
+               (True, False): grpc.stream_unary_rpc_method_handler,
+               (True, True): grpc.stream_stream_rpc_method_handler}[handler.request_streaming,
+                                                                     handler.response_streaming]
+    return factory(reject, request_deserializer=handler.request_deserializer,
+                   response_serializer=handler.response_serializer)
+
+
+class Server:
+    """One kvbuffer server around a started-by-us engine. Lifecycle: start() -> [drain()] -> wait_closed()."""
+
+    def __init__(self, settings: ServiceSettings, engine: Engine, *, span_processors: Sequence[SpanProcessor] = (),
+                 metric_readers: Sequence[MetricReader] = ()) -> None:
+        """span_processors and metric_readers come in addition to the OTEL_* exporters and Prometheus."""
+        self.settings = settings
+        self.engine = engine
+        self.telemetry = Telemetry(settings.model, span_processors, metric_readers)
+        self.admission = Admission(settings.max_in_flight_requests)
+        self.health = health_aio.HealthServicer()
+        self._grpc: grpc.aio.Server | None = None  # made in start(): it binds to the running event loop
+        self._drain_task: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
+        self.port = 0
+        self.metrics_port = 0
+
+    async def start(self) -> None:
+        """Starts the engine, then serves; health turns SERVING only once everything is up. On failure, what
+        was started is stopped again."""
+        await self.engine.start()
+        try:
+            await self._serve()
+        except BaseException:
+            await self._stop()
+            raise
+
+    async def _serve(self) -> None:
+        settings = self.settings
+        self.telemetry.observe(self.engine.stats, lambda: self.admission.in_flight)
+        interceptors = [BearerTokenInterceptor(settings.auth.token.get_secret_value())] if settings.auth.token else []
+        # so_reuseport off: a second server on a taken port must fail, not silently share it.
+        self._grpc = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+        servicer = KVBufferServicer(self.engine, self.admission, self.telemetry, settings.engine)
+        pb_grpc.add_KVBufferServiceServicer_to_server(servicer, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._grpc)
+        self.port = self._bind(self._grpc, f"{settings.host}:{settings.port}")
+        await self._grpc.start()
+        try:
+            self.metrics_port = self.telemetry.serve_metrics(settings.host, settings.metrics_port)
+        except OSError as exc:
+            raise StartupError(f"metrics_port: cannot serve metrics on {settings.host}:{settings.metrics_port}: "
+                               f"{exc.strerror}") from None
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s:%d (%s), metrics on http://%s:%d/metrics", SERVICE_NAME, settings.host,
+                 self.port, "TLS" if settings.tls.enabled else "plaintext", settings.host, self.metrics_port)
+
+    def _bind(self, server: grpc.aio.Server, address: str) -> int:
+        tls = self.settings.tls
+        try:
+            if tls.cert_file is not None and tls.key_file is not None:
+                credentials = grpc.ssl_server_credentials([(tls.key_file.read_bytes(), tls.cert_file.read_bytes())])
+                return server.add_secure_port(address, credentials)
+            return server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise StartupError(f"host/port: cannot listen on {address} (in use, or not an address of this "
+                               f"machine): {exc}") from None
+
+    def begin_drain(self) -> asyncio.Task[None]:
+        """Starts the graceful shutdown once (later calls return the same task): health NOT_SERVING, new
+        requests UNAVAILABLE, in-flight ones get shutdown_grace_period_s to finish, the rest is cancelled."""
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self._drain())
+        return self._drain_task
+
+    async def drain(self) -> None:
+        await asyncio.shield(self.begin_drain())
+
+    async def _drain(self) -> None:
+        grace = self.settings.shutdown_grace_period_s
+        log.info("draining: %d requests in flight, grace period %.1f s", self.admission.in_flight, grace)
+        await self.health.enter_graceful_shutdown()
+        if not await self.admission.drain(grace):
+            log.warning("grace period over: cancelling %d requests", self.admission.in_flight)
+        await self._stop()
+        self._closed.set()
+        log.info("stopped")
+
+    async def _stop(self) -> None:
+        """Cancels the RPCs left, then stops the engine and flushes telemetry."""
+        if self._grpc is not None:
+            await self._grpc.stop(grace=None)
+        await self.engine.shutdown()
+        await asyncio.to_thread(self.telemetry.shutdown)  # flushing spans may wait on the OTLP collector
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+
+async def serve(settings: ServiceSettings) -> None:
+    """Runs a server until SIGTERM or SIGINT has drained it."""
+    from kvbuffer.service.engine import build_engine  # the engine pulls in torch and the model code
+
+    try:
+        server = Server(settings, build_engine(settings.engine_config()))
+        await server.start()
+    except (OSError, ValueError) as exc:  # e.g. a model directory that is missing or not a supported model
+        raise StartupError(f"engine start-up failed (model={settings.model!r}, device={settings.device}): "
+                           f"{exc}") from None
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, server.begin_drain)
+    await server.wait_closed()

@@ -1,0 +1,150 @@
+"""The kvbuffer.v1 servicer: translates protocol messages to engine calls and engine outcomes to messages and
+status codes. Validation, admission and telemetry live in their own modules; this one only wires them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+from kvbuffer.service.engine.api import (
+    Engine,
+    GenerateChunk,
+    GenerateRequest,
+    InvalidRequestError,
+    OverloadedError,
+    RequestStats,
+)
+from kvbuffer.service.server.admission import Admission, DrainingError
+from kvbuffer.service.server.telemetry import RequestRecord, Telemetry
+from kvbuffer.service.server.validation import Limits, validate_generate_request
+from kvbuffer.v1 import kvbuffer_pb2 as pb
+from kvbuffer.v1 import kvbuffer_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=Message)
+
+_STATUS_OF_ERROR: dict[type[Exception], grpc.StatusCode] = {
+    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DrainingError: grpc.StatusCode.UNAVAILABLE,
+}
+_FINISH_REASONS = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP,
+                   "length": pb.FINISH_REASON_LENGTH, "cancelled": pb.FINISH_REASON_CANCELLED,
+                   "error": pb.FINISH_REASON_ERROR}
+
+
+def stats_message(stats: RequestStats) -> pb.RequestStats:
+    return pb.RequestStats(**{f"{path}_tokens": n for path, n in stats.tokens_by_path.items()},
+                           flushes=stats.flushes, drafted_tokens=stats.drafted_tokens,
+                           accepted_tokens=stats.accepted_tokens)
+
+
+def response_message(request_id: str, chunk: GenerateChunk) -> pb.GenerateResponse:
+    """One engine chunk as a streamed response; the final one also carries usage and stats."""
+    response = pb.GenerateResponse(request_id=request_id, text=chunk.text, token_ids=chunk.token_ids,
+                                   logprobs=chunk.logprobs or (), finish_reason=_FINISH_REASONS[chunk.finish_reason])
+    if chunk.finish_reason is not None:
+        response.usage.CopyFrom(pb.Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens,
+                                         total_tokens=chunk.prompt_tokens + chunk.completion_tokens))
+        if chunk.stats is not None:
+            response.stats.CopyFrom(stats_message(chunk.stats))
+    return response
+
+
+def merged_response(responses: list[pb.GenerateResponse]) -> pb.GenerateResponse:
+    """A stream's responses as one: ids and logprobs concatenated, final fields from the last response."""
+    whole = pb.GenerateResponse()
+    for response in responses:
+        whole.MergeFrom(response)  # appends repeated fields; the last set scalar or message wins
+    whole.text = "".join(r.text for r in responses)
+    return whole
+
+
+def filled(message: M, values: dict[str, Any]) -> M:
+    """Sets the message's fields that values names; values of string fields are converted with str()."""
+    for field in message.DESCRIPTOR.fields:
+        if field.name in values:
+            value = values[field.name]
+            setattr(message, field.name, str(value) if field.type == field.TYPE_STRING else value)
+    return message
+
+
+class KVBufferServicer(pb_grpc.KVBufferServiceServicer):
+    def __init__(self, engine: Engine, admission: Admission, telemetry: Telemetry, engine_name: str) -> None:
+        self._engine = engine
+        self._admission = admission
+        self._telemetry = telemetry
+        self._engine_name = engine_name
+        info = engine.model_info()
+        self._limits = Limits(vocab_size=info.vocab_size, max_context_length=info.max_context_length)
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        # Written with context.write rather than as an async generator: a cancelled call then always
+        # surfaces as CancelledError inside _generate, which cancels the engine request at once.
+        await self._generate(request, context, "Generate", context.write)
+
+    async def GenerateUnary(self, request: pb.GenerateRequest,
+                            context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        responses: list[pb.GenerateResponse] = []
+
+        async def collect(response: pb.GenerateResponse) -> None:
+            responses.append(response)
+
+        await self._generate(request, context, "GenerateUnary", collect)
+        return merged_response(responses)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        return pb.ModelInfo(**dataclasses.asdict(self._engine.model_info()))
+
+    async def GetServerConfig(self, request: pb.GetServerConfigRequest,
+                              context: grpc.aio.ServicerContext) -> pb.ServerConfig:
+        return filled(pb.ServerConfig(), {"engine": self._engine_name, **self._engine.config()})
+
+    async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, method: str,
+                        emit: Callable[[pb.GenerateResponse], Awaitable[None]]) -> None:
+        """Runs one request to its end, mapping every outcome to a status; nothing a client sends escapes as a crash."""
+        record = self._telemetry.request(method)
+        try:
+            with self._admission.admit():
+                engine_request = validate_generate_request(request, self._limits)
+                response_id = request.request_id or engine_request.request_id
+                record.admitted(engine_request, response_id)
+                final = await self._run(engine_request, response_id, record, emit)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if _deadline_passed(context) else grpc.StatusCode.CANCELLED
+            record.finish(code)
+            raise
+        except tuple(_STATUS_OF_ERROR) as exc:
+            code = _STATUS_OF_ERROR[type(exc)]
+            record.finish(code, error=str(exc))
+            await context.abort(code, str(exc))
+        except Exception:
+            log.exception("%s failed", method)
+            record.finish(grpc.StatusCode.INTERNAL, error="internal error")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
+        else:
+            record.finish(grpc.StatusCode.OK, final)
+
+    async def _run(self, request: GenerateRequest, response_id: str, record: RequestRecord,
+                   emit: Callable[[pb.GenerateResponse], Awaitable[None]]) -> GenerateChunk:
+        """Streams the engine's chunks out. Leaving early (cancel, deadline, error) closes the engine's iterator,
+        which cancels the engine request and frees its memory (Engine contract)."""
+        async with contextlib.aclosing(self._engine.generate(request)) as chunks:
+            async for chunk in chunks:
+                record.chunk(chunk)
+                await emit(response_message(response_id, chunk))
+                if chunk.finish_reason is not None:
+                    return chunk
+        raise RuntimeError(f"engine ended request {request.request_id} without a finish reason")
+
+
+def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0

@@ -1,0 +1,190 @@
+"""Settings of `kvbuffer serve`: one pydantic-settings model, read from the environment, a YAML or TOML
+file and CLI flags.
+
+Precedence, lowest to highest: defaults, environment (`KVBUFFER_BUFFER_SIZE`, nested groups with `__`:
+`KVBUFFER_TLS__CERT_FILE`), the config file (`--config`), CLI flags. The engine settings carry exactly
+the names of `EngineConfig` (DESIGN.md, "Settings"): the service, the custom resource and the Helm chart
+share one vocabulary, and `engine_config()` hands them to the engine unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ssl
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from kvbuffer.service.engine.config import EngineConfig
+from pydantic import BaseModel, ConfigDict, Field, FilePath, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+
+ENV_PREFIX = "KVBUFFER_"
+ENV_NESTED_DELIMITER = "__"
+_DEFAULTS = EngineConfig()
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be used; the message names each bad setting and what it allows."""
+
+
+class TLSSettings(BaseModel):
+    """Serve over TLS when both files are given."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cert_file: FilePath | None = Field(None, description="PEM certificate chain of the server (TLS is on "
+                                                         "when cert_file and key_file are both set)")
+    key_file: FilePath | None = Field(None, description="PEM private key of cert_file")
+
+    @model_validator(mode="after")
+    def _usable(self) -> TLSSettings:
+        """A certificate that does not parse or does not match its key fails start-up, not the first handshake."""
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be set together (or neither)")
+        if self.cert_file is not None:
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.cert_file, self.key_file)
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(f"cert_file and key_file are not a usable PEM certificate and key: {exc}") from None
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+class AuthSettings(BaseModel):
+    """Bearer-token auth: health checks stay open so that probes and load balancers need no token."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    token: SecretStr | None = Field(None, description="if set, every RPC except health checks must carry "
+                                                      "the metadata `authorization: Bearer <token>`")
+
+
+def _engine_default(name: str) -> Any:
+    return getattr(_DEFAULTS, name)
+
+
+class ServiceSettings(BaseSettings):
+    """Everything `kvbuffer serve` can be told; `kvbuffer serve --help` lists it."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER,
+                                      extra="forbid", frozen=True)
+
+    # Serving.
+    host: str = Field("0.0.0.0", description="address the gRPC server listens on")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: any free port)")
+    metrics_port: int = Field(9464, ge=0, le=65535, description="HTTP port of the Prometheus /metrics "
+                                                                "endpoint (0: any free port)")
+    shutdown_grace_period_s: float = Field(30.0, gt=0, le=3600, description="on SIGTERM, seconds in-flight "
+                                           "requests get to finish before they are cancelled")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
+    engine: Literal["native"] = Field("native", description="engine implementation")
+
+    # Engine: exactly EngineConfig's names and defaults.
+    model: str = Field(_engine_default("model"), description="Hugging Face model directory, or "
+                       "'embedded:tiny-qwen3-next' for the built-in tiny model")
+    device: Literal["auto", "cpu", "cuda"] = Field(_engine_default("device"), description="auto: CUDA if "
+                                                   "available, else CPU")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(_engine_default("dtype"), description="auto: "
+                                                          "bfloat16 on CUDA, float32 on CPU")
+    decode_mode: Literal["kvbuffer", "recurrent"] = Field(_engine_default("decode_mode"), description=
+                                                          "kvbuffer (checkpoint + buffer) or recurrent "
+                                                          "(the baseline)")
+    buffer_size: int = Field(_engine_default("buffer_size"), ge=1, description="tokens a request may hold "
+                             "in its buffer per layer; shorter contexts hold no state")
+    chunk_size: int = Field(_engine_default("chunk_size"), ge=1, description="once a request has a state, "
+                            "its buffer is folded in every chunk_size tokens; chunk_size + "
+                            "speculative_num_draft_tokens <= buffer_size")
+    speculative_algorithm: Literal["none", "ngram"] = Field(_engine_default("speculative_algorithm"),
+                                                            description="speculative decoding algorithm")
+    speculative_num_draft_tokens: int = Field(_engine_default("speculative_num_draft_tokens"), ge=0, le=16,
+                                              description="draft tokens proposed per step when "
+                                                          "speculation is on")
+    max_running_requests: int = Field(_engine_default("max_running_requests"), ge=1, description=
+                                      "requests decoded concurrently")
+    max_waiting_requests: int = Field(_engine_default("max_waiting_requests"), ge=1, description=
+                                      "requests that may wait for a running slot; beyond running + "
+                                      "waiting, new requests get RESOURCE_EXHAUSTED")
+    max_num_batched_tokens: int = Field(_engine_default("max_num_batched_tokens"), ge=1, description=
+                                        "token budget of one engine step (prefill chunks + decodes)")
+    max_context_length: int = Field(_engine_default("max_context_length"), ge=1, description=
+                                    "longest context (prompt + completion) in tokens")
+    memory_budget_bytes: int = Field(_engine_default("memory_budget_bytes"), ge=1, description=
+                                     "bytes the state, buffer and KV-cache pools are sized from at start")
+    seed: int = Field(_engine_default("seed"), description="seed of the engine's random generators")
+
+    # Security.
+    tls: TLSSettings = Field(default_factory=TLSSettings, description="TLS")
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="bearer-token auth")
+
+    @model_validator(mode="after")
+    def _engine_accepts(self) -> ServiceSettings:
+        """The engine's own checks (e.g. chunk_size + drafts <= buffer_size) fail start-up, not the first request."""
+        self.engine_config()
+        return self
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EngineConfig)})
+
+    @property
+    def max_in_flight_requests(self) -> int:
+        """The service's own bound on requests in flight: what the engine may run plus what it may queue."""
+        return self.max_running_requests + self.max_waiting_requests
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Settings from a YAML (.yaml, .yml) or TOML (.toml) file, keyed like the settings (`tls: {cert_file: ..}`)."""
+    if not path.is_file():
+        raise SettingsError(f"config file {path}: no such file")
+    readers = {".yaml": lambda: YamlConfigSettingsSource(ServiceSettings, yaml_file=path)(),
+               ".yml": lambda: YamlConfigSettingsSource(ServiceSettings, yaml_file=path)(),
+               ".toml": lambda: TomlConfigSettingsSource(ServiceSettings, toml_file=path)()}
+    reader = readers.get(path.suffix.lower())
+    if reader is None:
+        raise SettingsError(f"config file {path}: unknown format (allowed: .yaml, .yml, .toml)")
+    try:
+        return dict(reader())
+    except Exception as exc:  # yaml/toml parse errors have no common base class
+        raise SettingsError(f"config file {path}: {exc}".replace("\n", " ")) from None
+
+
+def _merge(low: Mapping[str, Any], high: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(low)
+    for key, value in high.items():
+        below = merged.get(key)
+        merged[key] = _merge(below, value) if isinstance(below, Mapping) and isinstance(value, Mapping) else value
+    return merged
+
+
+def load_settings(cli_values: Mapping[str, Any] | None = None, config_file: Path | None = None) -> ServiceSettings:
+    """Settings from the environment, overridden by config_file, overridden by cli_values (nested dicts).
+
+    Raises SettingsError with one line per bad setting.
+    """
+    file_values = read_config_file(config_file) if config_file else {}
+    try:
+        return ServiceSettings(**_merge(file_values, cli_values or {}))
+    except ValidationError as exc:
+        raise SettingsError(describe_errors(exc)) from None
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """One line per error: the setting's name, what is wrong and the value given."""
+    lines = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown setting"
+        elif error["type"] != "value_error":
+            message = f"{message} (got {error['input']!r})"
+        lines.append(f"{name}: {message}" if name else message)
+    return "\n".join(lines)

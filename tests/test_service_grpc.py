@@ -1,0 +1,201 @@
+"""The gRPC service over a real channel against the real engine (tiny model): streaming, unary, introspection,
+health, reflection, bad requests, and cancellation freeing the engine's memory."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from kvbuffer.v1 import SERVICE_NAME
+from kvbuffer.v1 import kvbuffer_pb2 as pb
+from kvbuffer.v1 import kvbuffer_pb2_grpc as pb_grpc
+from service_harness import RunningServer
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RunningServer]:
+    running = RunningServer()
+    yield running
+    running.stop()
+
+
+def _stream(server: RunningServer, prompt: Any, **sampling: Any) -> list[pb.GenerateResponse]:
+    async def go() -> list[pb.GenerateResponse]:
+        async with server.client() as client:
+            return [response async for response in client.generate(prompt, **sampling)]
+
+    return asyncio.run(go())
+
+
+def _unary(server: RunningServer, prompt: Any, **options: Any) -> pb.GenerateResponse:
+    async def go() -> pb.GenerateResponse:
+        async with server.client() as client:
+            return await client.generate_unary(prompt, **options)
+
+    return asyncio.run(go())
+
+
+def _engine_idle(server: RunningServer) -> bool:
+    stats = server.server.engine.stats()
+    return (server.server.admission.in_flight == 0 and stats.running_requests == 0 and stats.waiting_requests == 0
+            and stats.state_slots_used == 0 and stats.buffer_slots_used == 0)
+
+
+def test_streaming_generate(server: RunningServer) -> None:
+    responses = _stream(server, "Hello", max_new_tokens=100, ignore_eos=True)
+    *deltas, final = responses
+    assert len(responses) > 1
+    assert all(r.finish_reason == pb.FINISH_REASON_UNSPECIFIED and not r.HasField("usage") for r in deltas)
+    assert final.finish_reason == pb.FINISH_REASON_LENGTH
+    assert sum(len(r.token_ids) for r in responses) == 100
+    assert final.usage == pb.Usage(prompt_tokens=5, completion_tokens=100, total_tokens=105)  # byte tokenizer
+    stats = final.stats
+    assert stats.stateless_tokens + stats.buffered_tokens + stats.recurrent_tokens == 100
+    assert stats.buffered_tokens > 0 and stats.flushes > 0  # 105 tokens overflow the 64-token buffer
+    assert len({r.request_id for r in responses}) == 1 and len(final.request_id) == 32  # server-assigned
+
+
+def test_unary_is_the_stream_merged(server: RunningServer) -> None:
+    streamed = _stream(server, "The cat", max_new_tokens=40)
+    whole = _unary(server, "The cat", max_new_tokens=40, request_id="my-request-1")
+    assert whole.request_id == "my-request-1"
+    assert list(whole.token_ids) == [t for r in streamed for t in r.token_ids]
+    assert whole.text == "".join(r.text for r in streamed)
+    assert (whole.finish_reason, whole.usage, whole.stats) == (streamed[-1].finish_reason, streamed[-1].usage,
+                                                               streamed[-1].stats)
+
+
+def test_token_id_prompt_with_logprobs_and_stop_token(server: RunningServer) -> None:
+    free = _unary(server, [72, 105, 33], max_new_tokens=20, ignore_eos=True, logprobs=True)
+    assert free.usage.prompt_tokens == 3
+    assert len(free.logprobs) == len(free.token_ids) == 20
+    assert all(math.isfinite(lp) and lp <= 0 for lp in free.logprobs)
+    stop_at = free.token_ids[4]
+    stopped = _unary(server, [72, 105, 33], max_new_tokens=20, ignore_eos=True, stop_token_ids=[stop_at])
+    assert stopped.finish_reason == pb.FINISH_REASON_STOP
+    assert stopped.token_ids[-1] == stop_at and len(stopped.token_ids) <= 5
+
+
+def test_model_info_and_server_config(server: RunningServer) -> None:
+    async def go() -> tuple[pb.ModelInfo, pb.ServerConfig]:
+        async with server.client() as client:
+            return await client.model_info(), await client.server_config()
+
+    info, config = asyncio.run(go())
+    assert (info.name, info.vocab_size, info.num_linear_attention_layers) == ("embedded:tiny-qwen3-next", 257, 3)
+    settings = server.settings
+    assert config.engine == "native"
+    assert (config.buffer_size, config.chunk_size, config.decode_mode) == (settings.buffer_size, settings.chunk_size,
+                                                                           settings.decode_mode)
+    assert config.max_waiting_requests == settings.max_waiting_requests
+
+
+def test_health_is_serving(server: RunningServer) -> None:
+    async def go() -> tuple[str, str]:
+        async with server.client() as client:
+            return await client.health(""), await client.health()
+
+    assert asyncio.run(go()) == ("SERVING", "SERVING")
+
+
+def test_reflection_describes_the_api(server: RunningServer) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        methods = {m.name for m in descriptor_pool.DescriptorPool(database).FindServiceByName(SERVICE_NAME).methods}
+    assert {SERVICE_NAME, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
+    assert methods == {"Generate", "GenerateUnary", "GetModelInfo", "GetServerConfig"}
+
+
+def _request(prompt: Any = "hi", request_id: str = "", **sampling: Any) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(request_id=request_id, sampling=pb.SamplingParams(**sampling))
+    if isinstance(prompt, str):
+        request.text = prompt
+    elif prompt is not None:
+        request.token_ids.ids.extend(prompt)
+    return request
+
+
+BAD_REQUESTS = [
+    (_request(None), "prompt"),
+    (_request(""), "text"),
+    (_request([]), "token_ids.ids"),
+    (_request([1, 257]), "token_ids.ids[1]"),
+    (_request([0] * 4096), "token_ids.ids"),
+    (_request(request_id="x" * 129), "request_id"),
+    (_request(request_id="naïve"), "request_id"),
+    (_request(max_new_tokens=0), "sampling.max_new_tokens"),
+    (_request(max_new_tokens=5000), "sampling.max_new_tokens"),
+    (_request(temperature=-0.5), "sampling.temperature"),
+    (_request(temperature=math.nan), "sampling.temperature"),
+    (_request(top_p=0.0), "sampling.top_p"),
+    (_request(top_p=1.5), "sampling.top_p"),
+    (_request(stop_token_ids=[300]), "sampling.stop_token_ids[0]"),
+    (_request(stop_token_ids=list(range(65))), "sampling.stop_token_ids"),
+    (_request(stop_strings=["ok", ""]), "sampling.stop_strings[1]"),
+    (_request(stop_strings=["s"] * 17), "sampling.stop_strings"),
+]
+
+
+@pytest.mark.parametrize(("request_message", "field"), BAD_REQUESTS, ids=[f for _, f in BAD_REQUESTS])
+def test_bad_request_is_invalid_argument_naming_the_field(server: RunningServer, request_message: pb.GenerateRequest,
+                                                          field: str) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.KVBufferServiceStub(channel)
+        for call in (stub.GenerateUnary, lambda r: list(stub.Generate(r))):
+            with pytest.raises(grpc.RpcError) as error:
+                call(request_message)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error.value.details().startswith(f"{field}: ")
+    assert _engine_idle(server)
+
+
+def test_prompt_longer_than_the_context_is_refused_by_the_engine(server: RunningServer) -> None:
+    """The service cannot count a text prompt's tokens; the engine's refusal maps to INVALID_ARGUMENT too."""
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as error:
+        pb_grpc.KVBufferServiceStub(channel).GenerateUnary(_request("x" * 5000))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_client_cancel_frees_the_engine_request(server: RunningServer) -> None:
+    async def go() -> None:
+        async with server.client() as client:
+            call = client.generate("cancel me", max_new_tokens=3000, ignore_eos=True)
+            received = 0
+            async for response in call:
+                received += len(response.token_ids)
+                if received >= 80:  # past buffer_size: the request holds a state slot now
+                    break
+            assert server.call(lambda: server.server.engine.stats().state_slots_used) == 1
+            call.cancel()
+
+    asyncio.run(go())
+    assert server.wait_until(lambda: _engine_idle(server))
+
+
+def test_deadline_frees_the_engine_request(server: RunningServer) -> None:
+    async def go() -> None:
+        async with server.client() as client:
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await client.generate_unary("slow", max_new_tokens=3000, ignore_eos=True, timeout=0.5)
+            assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    asyncio.run(go())
+    assert server.wait_until(lambda: _engine_idle(server))
+    assert len(_unary(server, "after", max_new_tokens=3).token_ids) == 3  # and the server is fine
+
+
+def test_undecodable_request_does_not_harm_the_server(server: RunningServer) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        raw = channel.unary_unary(f"/{SERVICE_NAME}/GenerateUnary")
+        for payload in (b"\xff\xff\xff", b"\x12\x02\xc3\x28"):  # not a message; `text` that is not UTF-8
+            with pytest.raises(grpc.RpcError) as error:
+                raw(payload)
+            assert error.value.code() == grpc.StatusCode.UNKNOWN  # grpc.aio's answer to a request it cannot parse
+    assert len(_unary(server, "still here", max_new_tokens=2).token_ids) == 2

@@ -101,63 +101,72 @@ def engine_config(args, batch: int, prompt_len: int, **overrides) -> EngineConfi
     return EngineConfig(device=args.device, dtype=args.dtype, buffer_size=args.buffer_size,
                         chunk_size=args.chunk_size, max_running_requests=batch,
                         max_num_batched_tokens=max(2048, batch * prompt_len),
-                        max_context_length=prompt_len + args.steps + 64,
+                        max_context_length=prompt_len + args.warmup + args.chunk_size + args.steps + 64,
                         memory_budget_bytes=args.memory_budget_mib * MiB, **overrides)
 
 
+def measure(core: EngineCore, loaded: LoadedModel, device: torch.device, warmup: int, steps: int
+            ) -> tuple[float, float, float, dict[str, int]]:
+    """Seconds per step, per forward and in GDN layers per step, and the timed tokens by decode path."""
+    while any(not s.in_decode for s in core.scheduler.running) or core.scheduler.waiting:
+        core.step()  # prefill
+    for _ in range(warmup):
+        core.step()
+    forward, timer, run = 0.0, GdnTimer(loaded.model, device), core.runner.run
+
+    def timed_run(batch):
+        nonlocal forward
+        sync(device)
+        t0 = time.perf_counter()
+        out = run(batch)
+        sync(device)
+        forward += time.perf_counter() - t0
+        return out
+
+    core.runner.run = timed_run
+    before = dict(core.stats().tokens_by_path)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        core.step()
+    sync(device)
+    step = (time.perf_counter() - t0) / steps
+    gdn = timer.collect() / steps
+    timer.close()
+    paths = {k: v - before[k] for k, v in core.stats().tokens_by_path.items()}
+    return step, forward / steps, gdn, paths
+
+
 def decode_table(args, loaded: LoadedModel, device: torch.device) -> None:
-    """Steps timed once every request decodes (prefill and warm-up excluded); a multiple of chunk_size
-    steps, so flushes are included at their real rate."""
-    long_prompt = args.buffer_size + 32
-    variants = [("recurrent", "recurrent", long_prompt), ("kvbuffer", "buffered", long_prompt),
-                ("kvbuffer", "stateless", 8)]
+    """Steps timed once every request decodes. Buffered and recurrent: warm-up includes a flush (kernel
+    variants compile on first use) and the timed steps, a multiple of chunk_size, include flushes at their
+    real rate. Stateless: as many steps as keep the context under buffer_size."""
+    long_prompt, short_prompt = args.buffer_size + 32, 8
+    stateless_steps = min(args.steps, args.buffer_size - short_prompt - args.warmup - 2)
+    variants = [("recurrent", "recurrent", long_prompt, args.warmup + args.chunk_size, args.steps),
+                ("kvbuffer", "buffered", long_prompt, args.warmup + args.chunk_size, args.steps),
+                ("kvbuffer", "stateless", short_prompt, args.warmup, stateless_steps)]
     print("\n### 1. Decode: time per output token and throughput\n")
-    print(f"{args.model_desc}; buffer_size {args.buffer_size}, chunk_size {args.chunk_size}; "
-          f"{args.steps} decode steps timed after {args.warmup} warm-up steps.\n")
-    print("GDN share: time inside the Gated DeltaNet layers / model forward time. step: the whole engine "
-          "step (scheduling, forward, sampling, streaming).\n")
-    print("| batch | decode_mode | path | step (ms) | TPOT (ms) | tokens/s | forward (ms) | GDN share "
-          "| step vs recurrent |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"{args.model_desc}; buffer_size {args.buffer_size}, chunk_size {args.chunk_size}.\n")
+    print("step: the whole engine step (scheduling, forward, sampling, streaming), = TPOT as every request "
+          "decodes one token per step. GDN share: time inside the Gated DeltaNet layers / forward time.\n")
+    print("| batch | decode_mode | path | timed steps | step (ms) | tokens/s | forward (ms) | GDN (ms) "
+          "| GDN share | step vs recurrent |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for batch in args.batches:
         base = None
-        for mode, path, prompt_len in variants:
+        for mode, path, prompt_len, warmup, steps in variants:
             core = EngineCore(engine_config(args, batch, prompt_len, decode_mode=mode), loaded)
             if core.plan.request_slots < batch:
-                print(f"| {batch} | {mode} | {path} | memory budget too small (--memory-budget-mib) | | | | | |")
+                print(f"| {batch} | {mode} | {path} | memory budget too small (--memory-budget-mib) | | | | | | |")
                 continue
-            add_requests(core, batch, prompt_len, args.warmup + args.steps + 2)
-            while any(not s.in_decode for s in core.scheduler.running) or core.scheduler.waiting:
-                core.step()
-            for _ in range(args.warmup):
-                core.step()
-            forward, timer = 0.0, GdnTimer(loaded.model, device)
-            run = core.runner.run
-
-            def timed_run(b, run=run):
-                nonlocal forward
-                sync(device)
-                t0 = time.perf_counter()
-                out = run(b)
-                sync(device)
-                forward += time.perf_counter() - t0
-                return out
-
-            core.runner.run = timed_run
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                core.step()
-            sync(device)
-            step = (time.perf_counter() - t0) / args.steps
-            gdn = timer.collect()
-            timer.close()
-            paths = core.stats().tokens_by_path
-            assert paths[path] > 0, f"expected {path} decode, got {paths}"
+            add_requests(core, batch, prompt_len, warmup + steps + 2)
+            step, forward, gdn, paths = measure(core, loaded, device, warmup, steps)
+            assert paths[path] == batch * steps, f"timed tokens by path: {paths}, expected all {path}"
             base = step if mode == "recurrent" else base
             ratio = f"{step / base:.2f}" if base else "-"
-            print(f"| {batch} | {mode} | {path} | {step * 1e3:.2f} | {step * 1e3:.2f} | {batch / step:.0f} | "
-                  f"{forward / args.steps * 1e3:.2f} | {gdn / forward:.0%} | {ratio} |", flush=True)
+            print(f"| {batch} | {mode} | {path} | {steps} | {step * 1e3:.2f} | {batch / step:.0f} | "
+                  f"{forward * 1e3:.2f} | {gdn * 1e3:.2f} | {gdn / forward:.0%} | {ratio} |", flush=True)
 
 
 def concurrency_table(args, cfg: ModelConfig, dtype: torch.dtype) -> None:

@@ -24,7 +24,7 @@ from .pools import BufferPool
 from .tiles import NORM_EPS, block, gate, l2norm_vec
 
 MAX_TOKENS_PER_ROUND = 16
-WEIGHT_KINDS = tl.constexpr(3)  # decay weight, k-score, q-score
+WEIGHT_KINDS = tl.constexpr(3)  # e^{G_t-G_j}/|k_j| (folds raw keys), k-score, q-score
 COEFS = tl.constexpr(4)  # e^{G_t}, beta_t, q_t . k_t, spare
 
 
@@ -76,8 +76,8 @@ def _scores_kernel(
             inv_b = tl.rsqrt(tl.sum(Kb.to(tl.float32) * Kb.to(tl.float32), axis=1) + NORM_EPS)
             W = tl.exp((G[:, None] - tl.load(decay_base + offs_l, mask=mask_l, other=0.0)[None, :]).to(tl.float32))
             mask_w = mask_t[:, None] & mask_l[None, :]
-            tl.store(w_rows + offs_l[None, :], W, mask=mask_w)
             W = W * inv_b[None, :]
+            tl.store(w_rows + offs_l[None, :], W, mask=mask_w)
             tl.store(w_rows + L + offs_l[None, :], W * tl.dot(Kt, tl.trans(Kb), input_precision=PRECISION)
                      * inv_k[:, None], mask=mask_w)
             tl.store(w_rows + 2 * L + offs_l[None, :], W * tl.dot(Qt, tl.trans(Kb), input_precision=PRECISION)
@@ -87,8 +87,8 @@ def _scores_kernel(
         earlier = (offs_t[None, :] < offs_t[:, None]) & mask_t[:, None]
         W = tl.exp(tl.where(earlier, G[:, None] - G[None, :], 0.0).to(tl.float32))
         pos = n + offs_t[None, :]
-        tl.store(w_rows + pos, W, mask=earlier)
         W = W * inv_k[None, :]
+        tl.store(w_rows + pos, W, mask=earlier)
         tl.store(w_rows + L + pos, W * tl.dot(Kt, tl.trans(Kt), input_precision=PRECISION) * inv_k[:, None],
                  mask=earlier)
         qk = tl.dot(Qt, tl.trans(Kt), input_precision=PRECISION) * inv_q[:, None]
@@ -105,12 +105,48 @@ def _scores_kernel(
 
 
 @triton.jit
+def _decode_scores_kernel(
+    q, k, a, b, A_log, dt_bias, buf_keys, buf_decay, buf_slots, buf_lens, weights, coefs, scale,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BL: tl.constexpr,
+):
+    """`_scores_kernel` for one token per request: plain vector products, no tile padded to tensor-core size."""
+    i_b, i_h = tl.program_id(0), tl.program_id(1)
+    i_hk = i_h // (HV // H)
+    offs_k = tl.arange(0, BK)
+    mask_k = offs_k < K
+    k_raw, qn, kn, g, beta = _token(q, k, a, b, A_log, dt_bias, scale, i_b, i_h, i_hk, offs_k, mask_k, H, HV, K)
+    slot = tl.load(buf_slots + i_b).to(tl.int64)
+    n = tl.load(buf_lens + i_b)
+    decay_base = buf_decay + (slot * HV + i_h) * L
+    keys_base = buf_keys + (slot * H + i_hk) * L * K
+    G = tl.load(decay_base + n - 1, mask=n > 0, other=0.0) + g.to(tl.float64)
+    w_base = weights + (i_b * HV + i_h) * WEIGHT_KINDS * L
+    for start in range(0, n, BL):
+        offs_l = start + tl.arange(0, BL)
+        mask_l = offs_l < n
+        Kb = tl.load(keys_base + offs_l[:, None] * K + offs_k[None, :], mask=mask_l[:, None] & mask_k[None, :],
+                     other=0.0).to(tl.float32)
+        W = tl.exp((G - tl.load(decay_base + offs_l, mask=mask_l, other=0.0)).to(tl.float32))
+        W = W * tl.rsqrt(tl.sum(Kb * Kb, axis=1) + NORM_EPS)
+        tl.store(w_base + offs_l, W, mask=mask_l)
+        tl.store(w_base + L + offs_l, W * tl.sum(Kb * kn[None, :], axis=1), mask=mask_l)
+        tl.store(w_base + 2 * L + offs_l, W * tl.sum(Kb * qn[None, :], axis=1), mask=mask_l)
+    coef_base = coefs + (i_b * HV + i_h) * COEFS
+    tl.store(coef_base, tl.exp(G.to(tl.float32)))
+    tl.store(coef_base + 1, beta)
+    tl.store(coef_base + 2, tl.sum(qn * kn))
+    tl.store(decay_base + n, G)
+    if i_h % (HV // H) == 0:
+        tl.store(keys_base + n * K + offs_k, k_raw, mask=mask_k)
+
+
+@triton.jit
 def _apply_kernel(
     q, k, v, a, b, A_log, dt_bias, out,
     states, buf_keys, buf_values, cu_seqlens, buf_slots, buf_lens, read_slots, write_slots, weights, coefs,
     offset, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, BT: tl.constexpr, KC: tl.constexpr,
     ONE_TOKEN: tl.constexpr, HAS_BUFFER: tl.constexpr, FLUSH: tl.constexpr,
 ):
     i_v, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -130,8 +166,7 @@ def _apply_kernel(
             slot = tl.load(buf_slots + i_b).to(tl.int64)
             n = tl.load(buf_lens + i_b) + offset
             values_base = buf_values + (slot * HV + i_h) * L * V
-        d = tl.zeros([BV], dtype=tl.float32)  # the last token's values, kept for the flush
-        kn = tl.zeros([BK], dtype=tl.float32)
+        d = tl.zeros([BV], dtype=tl.float32)  # the last token's values and decay, kept for the flush
         eG = tl.zeros([1], dtype=tl.float32).sum()
         for t in range(T):
             tk = (first + t).to(tl.int64)
@@ -165,19 +200,29 @@ def _apply_kernel(
             if HAS_BUFFER:
                 tl.store(values_base + (n + t) * V + offs_v, d, mask=mask_v)
                 tl.debug_barrier()  # the next token reads d_t back
-        if FLUSH:
+        if FLUSH:  # one token per request: fold checkpoint + buffer + this token
             write = tl.load(write_slots + i_b).to(tl.int64)
-            if write >= 0:  # fold checkpoint + buffer + this token (one token per request when flushing)
-                S = eG * S0 + d[:, None] * kn[None, :]
+            if write >= 0:
+                k_row = k + (first.to(tl.int64) * H + i_hk) * K
+                k_full = tl.load(k_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                inv_kn = tl.rsqrt(tl.sum(k_full * k_full) + NORM_EPS)
                 if HAS_BUFFER:
                     keys_base = buf_keys + (slot * H + i_hk) * L * K
                     w_base = weights + (first.to(tl.int64) * HV + i_h) * WEIGHT_KINDS * L
-                    for j in range(0, n):
-                        kj = l2norm_vec(tl.load(keys_base + j * K + offs_k, mask=mask_k, other=0.0).to(tl.float32),
-                                        NORM_EPS)
-                        dj = tl.load(values_base + j * V + offs_v, mask=mask_v, other=0.0)
-                        S += (tl.load(w_base + j) * dj)[:, None] * kj[None, :]
-                tl.store(states + write * HV * V * K + tile, S, mask=mask_v[:, None] & mask_k[None, :])
+                for kc in range(0, BK, KC):  # K-chunks keep the folded tile small: occupancy is not lost
+                    offs_c = kc + tl.arange(0, KC)
+                    mask_c = offs_c < K
+                    chunk = i_h * V * K + offs_v[:, None] * K + offs_c[None, :]
+                    S = eG * tl.load(states + tl.maximum(read, 0) * HV * V * K + chunk,
+                                     mask=(offs_v < rows_held)[:, None] & mask_c[None, :], other=0.0)
+                    k_chunk = tl.load(k_row + offs_c, mask=mask_c, other=0.0).to(tl.float32) * inv_kn
+                    S += d[:, None] * k_chunk[None, :]
+                    if HAS_BUFFER:  # rank-1 updates with raw keys (row 0 of the weights carries 1/|k_j|)
+                        for j in range(0, n):
+                            kj = tl.load(keys_base + j * K + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+                            dj = tl.load(values_base + j * V + offs_v, mask=mask_v, other=0.0) * tl.load(w_base + j)
+                            S += dj[:, None] * kj[None, :]
+                    tl.store(states + write * HV * V * K + chunk, S, mask=mask_v[:, None] & mask_c[None, :])
 
 
 @triton.jit
@@ -194,8 +239,7 @@ def _token(q, k, a, b, A_log, dt_bias, scale, tk, i_h, i_hk, offs_k, mask_k,
 
 def _launch(q, k, v, a, b, A_log, dt_bias, states, buffer: BufferPool | None, cu_seqlens, buf_slots, buf_lens,
             read_slots, write_slots, scale, out, max_tokens: int, n_req: int,
-            block_v: int = 32, block_l: int = 16, num_warps: int = 2, scores_warps: int = 4,
-            phases: str = "both") -> torch.Tensor:
+            block_v: int = 32, block_l: int = 16, num_warps: int = 2, scores_warps: int = 2) -> torch.Tensor:
     N, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     if not states.is_contiguous():
@@ -213,24 +257,27 @@ def _launch(q, k, v, a, b, A_log, dt_bias, states, buffer: BufferPool | None, cu
     writes = write_slots if flush else read_slots
     common = dict(H=H, HV=HV, K=K, L=1, BK=BK, BL=block_l, BT=BT, ONE_TOKEN=one_token)
     if buffer is None:
-        keys = values = weights = coefs = states
+        keys = values = decay = weights = coefs = states
     else:
-        keys, values, common["L"] = buffer.keys, buffer.values, buffer.capacity
+        keys, values, decay, common["L"] = buffer.keys, buffer.values, buffer.decay, buffer.capacity
         if not (keys.is_contiguous() and values.is_contiguous() and buffer.decay.is_contiguous()):
             raise ValueError("buffer tensors must be contiguous")
         weights = torch.empty(N, HV, WEIGHT_KINDS.value, buffer.capacity, dtype=torch.float32, device=q.device)
         coefs = torch.empty(N, HV, COEFS.value, dtype=torch.float32, device=q.device)
     precision = "tf32x3" if k.dtype == torch.float32 else "tf32"  # 16-bit keys: tensor-core products are exact
     for offset in range(0, max_tokens, BT):
-        if buffer is not None and phases != "apply":
-            _scores_kernel[(n_req, HV)](q, k, a, b, A_log, dt_bias, keys, buffer.decay, cu, buf_slots, buf_lens,
+        if buffer is not None and one_token:
+            _decode_scores_kernel[(n_req, HV)](q, k, a, b, A_log, dt_bias, keys, decay, buf_slots, buf_lens, weights,
+                                               coefs, scale, H=H, HV=HV, K=K, L=buffer.capacity, BK=BK, BL=block_l,
+                                               num_warps=scores_warps)
+        elif buffer is not None:
+            _scores_kernel[(n_req, HV)](q, k, a, b, A_log, dt_bias, keys, decay, cu, buf_slots, buf_lens,
                                         weights, coefs, offset, scale, PRECISION=precision, num_warps=scores_warps,
                                         **common)
-        if phases != "scores":
-            _apply_kernel[(triton.cdiv(V, BV), n_req, HV)](
-                q, k, v, a, b, A_log, dt_bias, out, states, keys, values, cu, buf_slots, buf_lens, read_slots, writes,
-                weights, coefs, offset, scale, V=V, BV=BV, HAS_BUFFER=buffer is not None, FLUSH=flush,
-                num_warps=num_warps, **common)
+        _apply_kernel[(triton.cdiv(V, BV), n_req, HV)](
+            q, k, v, a, b, A_log, dt_bias, out, states, keys, values, cu, buf_slots, buf_lens, read_slots, writes,
+            weights, coefs, offset, scale, V=V, BV=BV, KC=min(BK, 32), HAS_BUFFER=buffer is not None,
+            FLUSH=flush, num_warps=num_warps, **common)
     return out
 
 

@@ -49,8 +49,9 @@ class ModelRunner:
                 q_pos.append([nc + min(t, s.n - 1) for t in range(Q)])
                 table = s.seq.block_table[:blocks]
                 tables.append(table + [0] * (blocks - len(table)))
+            # whole blocks: the key length changes every block_size tokens, not every step
             kv_rows = (self._tensor(tables)[:, :, None] * bs + torch.arange(bs, device=self.device)).flatten(1)
-            out.append(AttentionGroup(self._tensor(q_rows), self._tensor(q_pos), kv_rows[:, :L]))
+            out.append(AttentionGroup(self._tensor(q_rows), self._tensor(q_pos), kv_rows))
         return out
 
     def _gdn_batch(self, batch: list[ScheduledSeq], starts: list[int]) -> GdnBatch:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .batch import AttentionGroup, ForwardBatch
 from .config import ModelConfig
 from .norm import RMSNorm
 from .rotary import apply_rotary
+
+_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -17,7 +20,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """Causal attention of q `[N, H, D]` over each request's cached keys and values `[rows, KVH, D]`.
 
     Padding queries repeat their request's last token, so they write the same values to the same rows (no
-    masked indexing, hence no host sync).
+    masked indexing, hence no host sync). cuDNN attention is left out: it builds a graph per new shape.
     """
     out = torch.empty_like(q)
     rep = q.shape[1] // k_cache.shape[1]
@@ -26,7 +29,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         K = k_cache[g.kv_rows].repeat_interleave(rep, dim=2).transpose(1, 2)  # [B, H, L, D]
         V = v_cache[g.kv_rows].repeat_interleave(rep, dim=2).transpose(1, 2)
         mask = torch.arange(g.kv_rows.shape[1], device=q.device) <= g.q_pos[..., None]  # [B, Q, L]
-        O = F.scaled_dot_product_attention(Q, K, V, attn_mask=mask[:, None], scale=scale)
+        with sdpa_kernel(_BACKENDS):
+            O = F.scaled_dot_product_attention(Q, K, V, attn_mask=mask[:, None], scale=scale)
         out[g.q_rows.flatten()] = O.transpose(1, 2).flatten(0, 1)
     return out
 

@@ -19,7 +19,7 @@ class AttentionGroup:
 
     q_rows: torch.Tensor  # [B, Q] token rows of the flat batch; padding repeats the request's last token
     q_pos: torch.Tensor  # [B, Q] positions of the queries (a query sees keys 0..q_pos)
-    kv_rows: torch.Tensor  # [B, L] KV-cache rows holding positions 0..L-1 of each request
+    kv_rows: torch.Tensor  # [B, L] KV-cache rows of positions 0..L-1 (L a whole number of blocks)
 
 
 @dataclass

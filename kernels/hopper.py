@@ -1,0 +1,106 @@
+"""Builds the KVBuffer kernels for a Hopper GPU (sm_90) on any machine, with the ptxas Triton ships.
+
+Two uses where no GPU is at hand: CI catches the compile errors the Triton interpreter cannot see, and
+`python -m kvbuffer.kernels.hopper` prints each kernel's registers, spills and shared memory at Qwen3-Next
+shapes (registers bound the occupancy of these memory-bound kernels).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import step
+from .fold import _fold_kernel
+
+
+@dataclass(frozen=True)
+class Build:
+    """One kernel configuration: runtime argument types (Triton spelling, e.g. `*bf16`, `i32`) and constexprs."""
+
+    name: str
+    kernel: triton.runtime.JITFunction
+    types: dict[str, str]
+    constexprs: dict[str, object]
+    num_warps: int
+
+
+@dataclass(frozen=True)
+class Resources:
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+
+
+def compile_for_hopper(build: Build) -> bytes:
+    """The cubin for sm_90; raises triton's CompilationError where a GPU build would fail."""
+    names = list(inspect.signature(build.kernel.fn).parameters)
+    signature = {n: "constexpr" if n in build.constexprs else build.types[n] for n in names}
+    constexprs = {(names.index(n),): v for n, v in build.constexprs.items()}
+    src = ASTSource(fn=build.kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": build.num_warps}).asm["cubin"]
+
+
+def resources(cubin: bytes) -> Resources:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        report = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    field = {key: int(re.search(rf"{key}:(\d+)", report).group(1)) for key in ("REG", "LOCAL", "SHARED")}
+    return Resources(field["REG"], field["LOCAL"], field["SHARED"])
+
+
+def step_builds(H: int = 16, HV: int = 32, K: int = 128, V: int = 128, capacity: int = 40, tokens: int = 4,
+                key_type: str = "bf16") -> list[Build]:
+    """The configurations `kvbuffer.kernels.step` launches, at the given shapes, with its default tuning."""
+    tuning = inspect.signature(step._launch).parameters
+    block_v, block_l = tuning["block_v"].default, tuning["block_l"].default
+    warps, scores_warps = tuning["num_warps"].default, tuning["scores_warps"].default
+    BK, BV, BT = step.block(K), min(step.block(V), block_v), step.block(min(tokens, step.MAX_TOKENS_PER_ROUND))
+    inputs = dict.fromkeys(("q", "k", "v", "a", "b", "out", "buf_keys"), "*" + key_type)
+    floats = dict.fromkeys(("A_log", "dt_bias", "states", "buf_values", "weights", "coefs"), "*fp32")
+    ints = dict.fromkeys(("cu_seqlens", "buf_slots", "buf_lens", "read_slots", "write_slots"), "*i32")
+    types = {**inputs, **floats, **ints, "buf_decay": "*fp64", "offset": "i32", "scale": "fp32"}
+    shape = dict(H=H, HV=HV, K=K, BK=BK)
+    apply = dict(shape, V=V, L=capacity, BV=BV, BL=block_l, BT=16, KC=min(BK, 32))
+    fold_shape = dict(H=H, HV=HV, K=K, V=V, L=capacity, BK=BK, BV=BV, BL=block_l, PRECISION="tf32x3")
+    fold_types = {"states": "*fp32", "buf_keys": "*" + key_type, "buf_values": "*fp32", "buf_decay": "*fp64",
+                  **ints}
+    return [
+        Build("decode scores", step._decode_scores_kernel, types, dict(shape, L=capacity, BL=block_l), scores_warps),
+        Build("decode apply (buffered, flush)", step._apply_kernel, types,
+              dict(apply, ONE_TOKEN=True, HAS_BUFFER=True, FLUSH=True), warps),
+        Build("decode apply (recurrent)", step._apply_kernel, types,
+              dict(apply, L=1, ONE_TOKEN=True, HAS_BUFFER=False, FLUSH=True), warps),
+        Build(f"verify scores (T={tokens})", step._scores_kernel, types,
+              dict(shape, L=capacity, BL=block_l, BT=BT, ONE_TOKEN=False, PRECISION="tf32"), scores_warps),
+        Build(f"verify apply (T={tokens})", step._apply_kernel, types,
+              dict(apply, BT=BT, ONE_TOKEN=False, HAS_BUFFER=True, FLUSH=False), warps),
+        Build("fold", _fold_kernel, fold_types, fold_shape, 4),
+    ]
+
+
+def main() -> int:
+    """Prints the table; exits 1 if any kernel spills (the build itself raises on a compile error)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be built")
+    print(f"{'kernel':34} {'registers':>9} {'spilled B':>9} {'shared B':>9}")
+    spills = 0
+    for build in step_builds():
+        r = resources(compile_for_hopper(build))
+        spills += r.spill_bytes
+        print(f"{build.name:34} {r.registers:9} {r.spill_bytes:9} {r.shared_bytes:9}")
+    return 1 if spills else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -64,7 +64,7 @@ def step_builds(H: int = 16, HV: int = 32, K: int = 128, V: int = 128, capacity:
     """The configurations `kvbuffer.kernels.step` launches, at the given shapes, with its default tuning."""
     tuning = inspect.signature(step._launch).parameters
     block_v, block_l = tuning["block_v"].default, tuning["block_l"].default
-    warps, scores_warps = tuning["num_warps"].default, tuning["scores_warps"].default
+    warps = tuning["num_warps"].default
     BK, BV, BT = step.block(K), min(step.block(V), block_v), step.block(min(tokens, step.MAX_TOKENS_PER_ROUND))
     inputs = dict.fromkeys(("q", "k", "v", "a", "b", "out", "buf_keys"), "*" + key_type)
     floats = dict.fromkeys(("A_log", "dt_bias", "states", "buf_values", "weights", "coefs"), "*fp32")
@@ -72,17 +72,19 @@ def step_builds(H: int = 16, HV: int = 32, K: int = 128, V: int = 128, capacity:
     types = {**inputs, **floats, **ints, "buf_decay": "*fp64", "offset": "i32", "scale": "fp32"}
     shape = dict(H=H, HV=HV, K=K, BK=BK)
     apply = dict(shape, V=V, L=capacity, BV=BV, BL=block_l, BT=16, KC=min(BK, 32))
-    fold_shape = dict(H=H, HV=HV, K=K, V=V, L=capacity, BK=BK, BV=BV, BL=block_l, PRECISION="tf32x3")
-    fold_types = {"states": "*fp32", "buf_keys": "*" + key_type, "buf_values": "*fp32", "buf_decay": "*fp64",
-                  **ints}
+    fold_shape = dict(H=H, HV=HV, K=K, V=V, L=capacity, BK=BK, BV=BV, KC=min(BK, 32))
+    fold_types = {"states": "*fp32", "buf_keys": "*" + key_type, "buf_values": "*fp32", "weights": "*fp32",
+                  "decays": "*fp32", **ints}
     return [
-        Build("decode scores", step._decode_scores_kernel, types, dict(shape, L=capacity, BL=block_l), scores_warps),
+        Build("decode scores", step._decode_scores_kernel, types, dict(shape, L=capacity, BL=block_l),
+              step.DECODE_SCORES_WARPS),
         Build("decode apply (buffered, flush)", step._apply_kernel, types,
               dict(apply, ONE_TOKEN=True, HAS_BUFFER=True, FLUSH=True), warps),
         Build("decode apply (recurrent)", step._apply_kernel, types,
               dict(apply, L=1, ONE_TOKEN=True, HAS_BUFFER=False, FLUSH=True), warps),
         Build(f"verify scores (T={tokens})", step._scores_kernel, types,
-              dict(shape, L=capacity, BL=block_l, BT=BT, ONE_TOKEN=False, PRECISION="tf32"), scores_warps),
+              dict(shape, L=capacity, BL=block_l, BT=BT, ONE_TOKEN=False, PRECISION="tf32"),
+              step.SCORES_WARPS),
         Build(f"verify apply (T={tokens})", step._apply_kernel, types,
               dict(apply, BT=BT, ONE_TOKEN=False, HAS_BUFFER=True, FLUSH=False), warps),
         Build("fold", _fold_kernel, fold_types, fold_shape, 4),

@@ -21,9 +21,10 @@ import triton
 import triton.language as tl
 
 from .pools import BufferPool
-from .tiles import NORM_EPS, block, gate, l2norm_vec
+from .tiles import NORM_EPS, block, fold_into, gate, l2norm_vec
 
 MAX_TOKENS_PER_ROUND = 16
+DECODE_SCORES_WARPS, SCORES_WARPS = 2, 4  # the fastest measured on an H100 (docs/BENCHMARKS.md)
 WEIGHT_KINDS = tl.constexpr(3)  # e^{G_t-G_j}/|k_j| (folds raw keys), k-score, q-score
 COEFS = tl.constexpr(4)  # e^{G_t}, beta_t, q_t . k_t, spare
 
@@ -159,9 +160,8 @@ def _apply_kernel(
         read = tl.load(read_slots + i_b).to(tl.int64)
         tile = i_h * V * K + offs_v[:, None] * K + offs_k[None, :]
         rows_held = tl.where(read >= 0, V, 0)  # a request with no checkpoint reads nothing
-        read_ptrs = states + tl.maximum(read, 0) * HV * V * K + tile
-        read_mask = (offs_v < rows_held)[:, None] & mask_k[None, :]
-        S0 = tl.load(read_ptrs, mask=read_mask, other=0.0)
+        S0 = tl.load(states + tl.maximum(read, 0) * HV * V * K + tile,
+                     mask=(offs_v < rows_held)[:, None] & mask_k[None, :], other=0.0)
         if HAS_BUFFER:
             slot = tl.load(buf_slots + i_b).to(tl.int64)
             n = tl.load(buf_lens + i_b) + offset
@@ -207,22 +207,12 @@ def _apply_kernel(
                 k_full = tl.load(k_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
                 inv_kn = tl.rsqrt(tl.sum(k_full * k_full) + NORM_EPS)
                 if HAS_BUFFER:
-                    keys_base = buf_keys + (slot * H + i_hk) * L * K
-                    w_base = weights + (first.to(tl.int64) * HV + i_h) * WEIGHT_KINDS * L
-                for kc in range(0, BK, KC):  # K-chunks keep the folded tile small: occupancy is not lost
-                    offs_c = kc + tl.arange(0, KC)
-                    mask_c = offs_c < K
-                    chunk = i_h * V * K + offs_v[:, None] * K + offs_c[None, :]
-                    S = eG * tl.load(states + tl.maximum(read, 0) * HV * V * K + chunk,
-                                     mask=(offs_v < rows_held)[:, None] & mask_c[None, :], other=0.0)
-                    k_chunk = tl.load(k_row + offs_c, mask=mask_c, other=0.0).to(tl.float32) * inv_kn
-                    S += d[:, None] * k_chunk[None, :]
-                    if HAS_BUFFER:  # rank-1 updates with raw keys (row 0 of the weights carries 1/|k_j|)
-                        for j in range(0, n):
-                            kj = tl.load(keys_base + j * K + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-                            dj = tl.load(values_base + j * V + offs_v, mask=mask_v, other=0.0) * tl.load(w_base + j)
-                            S += dj[:, None] * kj[None, :]
-                    tl.store(states + write * HV * V * K + chunk, S, mask=mask_v[:, None] & mask_c[None, :])
+                    fold_into(states, read, write, eG, buf_keys + (slot * H + i_hk) * L * K, values_base,
+                              weights + (first.to(tl.int64) * HV + i_h) * WEIGHT_KINDS * L, n, d, k_row, inv_kn,
+                              i_h, offs_v, mask_v, rows_held, HV, K, V, BK, KC)
+                else:  # the recurrence itself: no buffer
+                    fold_into(states, read, write, eG, k_row, states, states, 0, d, k_row, inv_kn,
+                              i_h, offs_v, mask_v, rows_held, HV, K, V, BK, KC)
 
 
 @triton.jit
@@ -239,7 +229,7 @@ def _token(q, k, a, b, A_log, dt_bias, scale, tk, i_h, i_hk, offs_k, mask_k,
 
 def _launch(q, k, v, a, b, A_log, dt_bias, states, buffer: BufferPool | None, cu_seqlens, buf_slots, buf_lens,
             read_slots, write_slots, scale, out, max_tokens: int, n_req: int,
-            block_v: int = 32, block_l: int = 16, num_warps: int = 2, scores_warps: int = 2) -> torch.Tensor:
+            block_v: int = 32, block_l: int = 16, num_warps: int = 2) -> torch.Tensor:
     N, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     if not states.is_contiguous():
@@ -269,10 +259,10 @@ def _launch(q, k, v, a, b, A_log, dt_bias, states, buffer: BufferPool | None, cu
         if buffer is not None and one_token:
             _decode_scores_kernel[(n_req, HV)](q, k, a, b, A_log, dt_bias, keys, decay, buf_slots, buf_lens, weights,
                                                coefs, scale, H=H, HV=HV, K=K, L=buffer.capacity, BK=BK, BL=block_l,
-                                               num_warps=scores_warps)
+                                               num_warps=DECODE_SCORES_WARPS)
         elif buffer is not None:
             _scores_kernel[(n_req, HV)](q, k, a, b, A_log, dt_bias, keys, decay, cu, buf_slots, buf_lens,
-                                        weights, coefs, offset, scale, PRECISION=precision, num_warps=scores_warps,
+                                        weights, coefs, offset, scale, PRECISION=precision, num_warps=SCORES_WARPS,
                                         **common)
         _apply_kernel[(triton.cdiv(V, BV), n_req, HV)](
             q, k, v, a, b, A_log, dt_bias, out, states, keys, values, cu, buf_slots, buf_lens, read_slots, writes,

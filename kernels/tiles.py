@@ -1,4 +1,4 @@
-"""Triton building blocks shared by the KVBuffer kernels: gating, key normalization, buffer reads."""
+"""Triton building blocks shared by the KVBuffer kernels: gating, key normalization, folding a buffer."""
 
 import triton
 import triton.language as tl
@@ -16,12 +16,6 @@ def gate(a, b, A_log, dt_bias):
 
 
 @triton.jit
-def l2norm_rows(x, eps: tl.constexpr):
-    """Each row of a 2-D fp32 block scaled to unit length (rsqrt(sum x^2 + eps))."""
-    return x * tl.rsqrt(tl.sum(x * x, axis=1) + eps)[:, None]
-
-
-@triton.jit
 def l2norm_vec(x, eps: tl.constexpr):
     return x * tl.rsqrt(tl.sum(x * x, axis=0) + eps)
 
@@ -32,14 +26,24 @@ def block(n: int, least: int = 16) -> int:
 
 
 @triton.jit
-def load_entries(keys_base, values_base, decay_base, start, n, offs_k, offs_v, mask_k, mask_v,
-                 K: tl.constexpr, V: tl.constexpr, BL: tl.constexpr):
-    """Buffer entries start..start+BL (those below n): normalized keys [BL, BK], values [BL, BV], decays [BL]."""
-    offs_l = start + tl.arange(0, BL)
-    mask_l = offs_l < n
-    keys = tl.load(keys_base + offs_l[:, None] * K + offs_k[None, :], mask=mask_l[:, None] & mask_k[None, :],
-                   other=0.0).to(tl.float32)
-    values = tl.load(values_base + offs_l[:, None] * V + offs_v[None, :], mask=mask_l[:, None] & mask_v[None, :],
-                     other=0.0)
-    decays = tl.load(decay_base + offs_l, mask=mask_l, other=0.0)
-    return l2norm_rows(keys, NORM_EPS), values, decays, mask_l
+def fold_into(states, read, write, decay, keys_base, values_base, weights_base, n, d_new, k_new, k_new_scale,
+              i_h, offs_v, mask_v, rows_held,
+              HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr):
+    """states[write] = decay * states[read] + sum_{j<n} weights[j] d_j k_j^T + d_new (k_new_scale k_new)^T,
+    for one [BV, K] tile.
+
+    Keys are raw keys (the weights and k_new_scale carry 1/|k|); read < 0 folds into zeros. Works a K-chunk
+    at a time with rank-1 updates, so the folded tile never occupies many registers.
+    """
+    for kc in range(0, BK, KC):
+        offs_c = kc + tl.arange(0, KC)
+        mask_c = offs_c < K
+        chunk = i_h * V * K + offs_v[:, None] * K + offs_c[None, :]
+        S = decay * tl.load(states + tl.maximum(read, 0) * HV * V * K + chunk,
+                            mask=(offs_v < rows_held)[:, None] & mask_c[None, :], other=0.0)
+        S += d_new[:, None] * (tl.load(k_new + offs_c, mask=mask_c, other=0.0).to(tl.float32) * k_new_scale)[None, :]
+        for j in range(0, n):
+            kj = tl.load(keys_base + j * K + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+            dj = tl.load(values_base + j * V + offs_v, mask=mask_v, other=0.0) * tl.load(weights_base + j)
+            S += dj[:, None] * kj[None, :]
+        tl.store(states + write * HV * V * K + chunk, S, mask=mask_v[:, None] & mask_c[None, :])

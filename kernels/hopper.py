@@ -83,7 +83,7 @@ def step_builds(H: int = 16, HV: int = 32, K: int = 128, V: int = 128, capacity:
         Build("decode apply (recurrent)", step._apply_kernel, types,
               dict(apply, L=1, ONE_TOKEN=True, HAS_BUFFER=False, FLUSH=True), warps),
         Build(f"verify scores (T={tokens})", step._scores_kernel, types,
-              dict(shape, L=capacity, BL=block_l, BT=BT, ONE_TOKEN=False, PRECISION="tf32"),
+              dict(shape, L=capacity, BL=block_l, BT=BT, PRECISION="tf32"),
               step.SCORES_WARPS),
         Build(f"verify apply (T={tokens})", step._apply_kernel, types,
               dict(apply, BT=BT, ONE_TOKEN=False, HAS_BUFFER=True, FLUSH=False), warps),

@@ -4,9 +4,10 @@ drafts or puts a short prompt into the buffer), the checkpoint only read, the fl
 Two launches per round of up to BT tokens, so the pass over the checkpoint runs at memory speed with few
 registers live:
 1. `_scores_kernel`, one program per (request, value head): gating, cumulative decays, and the weight of
-   every earlier entry j for each new token t: e^{G_t - G_j}, e^{G_t - G_j} (k_t . k_j), e^{G_t - G_j}
+   every earlier entry j for each new token t: e^{G_t - G_j}/|k_j|, e^{G_t - G_j} (k_t . k_j), e^{G_t - G_j}
    (q_t . k_j). Key products come from tensor cores on the raw keys (exact products for bf16 inputs) scaled
-   by inverse norms. Appends the new keys and decays to the buffer.
+   by inverse norms. Appends the new keys and decays to the buffer. Decode (one token) uses
+   `_decode_scores_kernel` instead: plain vector products, no tile padded to tensor-core size.
 2. `_apply_kernel`, one program per (value tile, request, value head): reads its checkpoint tile once, and
    token by token streams the buffered corrected values against those weights:
        d_t = beta_t (v_t - e^{G_t} S0^T k_t - sum_j w_k[t, j] d_j),   o_t = e^{G_t} S0^T q_t + sum_j w_q[t, j] d_j
@@ -43,11 +44,11 @@ def _scores_kernel(
     q, k, a, b, A_log, dt_bias, buf_keys, buf_decay, cu_seqlens, buf_slots, buf_lens, weights, coefs,
     offset, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BL: tl.constexpr,
-    BT: tl.constexpr, ONE_TOKEN: tl.constexpr, PRECISION: tl.constexpr,
+    BT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     i_hk = i_h // (HV // H)
-    first, T = _round(cu_seqlens, offset, i_b, ONE_TOKEN, BT)
+    first, T = _round(cu_seqlens, offset, i_b, False, BT)
     if T > 0:
         offs_k, offs_t = tl.arange(0, BK), tl.arange(0, BT)
         mask_k, mask_t = offs_k < K, offs_t < T
@@ -245,7 +246,7 @@ def _launch(q, k, v, a, b, A_log, dt_bias, states, buffer: BufferPool | None, cu
     cu = cu_seqlens if cu_seqlens is not None else buf_slots  # unused when one token per request
     flush = write_slots is not None
     writes = write_slots if flush else read_slots
-    common = dict(H=H, HV=HV, K=K, L=1, BK=BK, BL=block_l, BT=BT, ONE_TOKEN=one_token)
+    common = dict(H=H, HV=HV, K=K, L=1, BK=BK, BL=block_l, BT=BT)
     if buffer is None:
         keys = values = decay = weights = coefs = states
     else:
@@ -266,8 +267,8 @@ def _launch(q, k, v, a, b, A_log, dt_bias, states, buffer: BufferPool | None, cu
                                         **common)
         _apply_kernel[(triton.cdiv(V, BV), n_req, HV)](
             q, k, v, a, b, A_log, dt_bias, out, states, keys, values, cu, buf_slots, buf_lens, read_slots, writes,
-            weights, coefs, offset, scale, V=V, BV=BV, KC=min(BK, 32), HAS_BUFFER=buffer is not None,
-            FLUSH=flush, num_warps=num_warps, **common)
+            weights, coefs, offset, scale, V=V, BV=BV, KC=min(BK, 32), ONE_TOKEN=one_token,
+            HAS_BUFFER=buffer is not None, FLUSH=flush, num_warps=num_warps, **common)
     return out
 
 

@@ -68,10 +68,14 @@ def _checkpoints(states: torch.Tensor, read_slots: torch.Tensor, dtype: torch.dt
 
 
 def _buffer_view(buffer: BufferPool, slots: torch.Tensor, groups: int, dtype: torch.dtype):
-    """Normalized keys `[B, HV, L, K]`, values `[B, HV, L, V]`, decays `[B, HV, L]` of each request's buffer."""
+    """Normalized keys `[B, HV, L, K]`, values `[B, HV, L, V]`, decays `[B, HV, L]` of each request's buffer.
+
+    Decays stay in at least their stored precision (fp64): weights are differences of long cumulative sums.
+    """
     slots = slots.long()
     keys = l2norm(buffer.keys[slots].to(dtype)).repeat_interleave(groups, dim=1)
-    return keys, buffer.values[slots].to(dtype), buffer.decay[slots].to(dtype)
+    decays = buffer.decay[slots].to(torch.promote_types(dtype, buffer.decay.dtype))
+    return keys, buffer.values[slots].to(dtype), decays
 
 
 def buffered_decode(q, k, v, a, b, A_log, dt_bias, states, buffer: BufferPool, buf_slots, buf_lens,
@@ -84,10 +88,10 @@ def buffered_decode(q, k, v, a, b, A_log, dt_bias, states, buffer: BufferPool, b
     lens = buf_lens.long()
     valid = torch.arange(buffer.capacity, device=v.device)[None, :] < lens[:, None]  # [B, L]
     G_prev = Gb.gather(2, (lens - 1).clamp(min=0)[:, None, None].expand(-1, Gb.shape[1], 1))[..., 0]
-    G = torch.where(lens[:, None] > 0, G_prev, 0.0) + g  # [B, HV]
-    w = torch.where(valid[:, None, :], torch.exp(G[..., None] - Gb), 0.0)  # [B, HV, L]
+    G = torch.where(lens[:, None] > 0, G_prev, 0.0) + g.to(Gb.dtype)  # [B, HV]
+    w = torch.where(valid[:, None, :], torch.exp(G[..., None] - Gb).to(dtype), 0.0)  # [B, HV, L]
     S0 = _checkpoints(states, read_slots, dtype)
-    decay = G.exp()
+    decay = G.exp().to(dtype)
     kk = torch.einsum("bhlk,bhk->bhl", Kb, kn)
     d = beta[..., None] * (v - decay[..., None] * torch.einsum("bhvk,bhk->bhv", S0, kn)
                            - torch.einsum("bhl,bhlv->bhv", w * kk, Db))
@@ -134,19 +138,20 @@ def verify(q, k, v, a, b, A_log, dt_bias, states, buffer: BufferPool, cu_seqlens
         if e == s:
             continue
         Kb, Db, Gb = (x[0, :, :n0] for x in _buffer_view(buffer, buf_slots[i:i + 1], groups, dtype))
-        G0 = Gb[:, -1] if n0 > 0 else torch.zeros(vv.shape[1], dtype=dtype, device=v.device)
-        G = G0[:, None] + torch.cumsum(g[s:e].T, dim=1)  # [HV, T]
+        G0 = Gb[:, -1] if n0 > 0 else torch.zeros(vv.shape[1], dtype=Gb.dtype, device=v.device)
+        G = G0[:, None] + torch.cumsum(g[s:e].T.to(Gb.dtype), dim=1)  # [HV, T]
         S0 = _checkpoints(states, read_slots[i:i + 1], dtype)[0]
         Qt, Kt, Vt, bt = qn[s:e].transpose(0, 1), kn[s:e].transpose(0, 1), vv[s:e].transpose(0, 1), beta[s:e].T
-        Wb = torch.exp(G[:, :, None] - Gb[:, None, :])  # [HV, T, n0]
+        Wb = torch.exp(G[:, :, None] - Gb[:, None, :]).to(dtype)  # [HV, T, n0]
         causal = torch.ones(e - s, e - s, dtype=torch.bool, device=v.device).tril()
-        Gamma = torch.exp(torch.where(causal, G[:, :, None] - G[:, None, :], float("-inf")))
-        rhs = bt[..., None] * (Vt - G.exp()[..., None] * torch.einsum("hvk,htk->htv", S0, Kt)
+        Gamma = torch.exp(torch.where(causal, G[:, :, None] - G[:, None, :], float("-inf"))).to(dtype)
+        eG = G.exp().to(dtype)
+        rhs = bt[..., None] * (Vt - eG[..., None] * torch.einsum("hvk,htk->htv", S0, Kt)
                                - (Kt @ Kb.transpose(1, 2) * Wb) @ Db)
         A = bt[..., None] * (Kt @ Kt.transpose(1, 2) * Gamma).tril(-1)
         eye = torch.eye(e - s, dtype=dtype, device=v.device)
         D = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
-        O = (G.exp()[..., None] * torch.einsum("hvk,htk->htv", S0, Qt) + (Qt @ Kb.transpose(1, 2) * Wb) @ Db
+        O = (eG[..., None] * torch.einsum("hvk,htk->htv", S0, Qt) + (Qt @ Kb.transpose(1, 2) * Wb) @ Db
              + (Qt @ Kt.transpose(1, 2) * Gamma) @ D)
         out[s:e] = O.transpose(0, 1)
         buffer.keys[slot, :, n0:n0 + e - s] = k[s:e].transpose(0, 1).to(buffer.keys.dtype)
@@ -164,8 +169,8 @@ def fold(states, buffer: BufferPool, buf_slots, buf_lens, read_slots, write_slot
     valid = torch.arange(buffer.capacity, device=states.device)[None, :] < lens[:, None]
     G_last = Gb.gather(2, (lens - 1).clamp(min=0)[:, None, None].expand(-1, Gb.shape[1], 1))[..., 0]
     G_last = torch.where(lens[:, None] > 0, G_last, 0.0)
-    w = torch.where(valid[:, None, :], torch.exp(G_last[..., None] - Gb), 0.0)
-    S = G_last.exp()[..., None, None] * _checkpoints(states, read_slots, dtype)
+    w = torch.where(valid[:, None, :], torch.exp(G_last[..., None] - Gb).to(dtype), 0.0)
+    S = G_last.exp().to(dtype)[..., None, None] * _checkpoints(states, read_slots, dtype)
     S = S + torch.einsum("bhl,bhlv,bhlk->bhvk", w, Db, Kb)
     states[write_slots.long()] = S.to(states.dtype)
 

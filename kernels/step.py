@@ -97,7 +97,7 @@ def _scores_kernel(
         tl.store(w_rows + 2 * L + pos, W * qk, mask=earlier)
 
         coef_rows = coefs + (tok * HV + i_h) * COEFS
-        tl.store(coef_rows, tl.exp(G.to(tl.float32)), mask=mask_t)
+        tl.store(coef_rows, tl.exp(G).to(tl.float32), mask=mask_t)  # exp in fp64: e^{G} to fp32 precision
         tl.store(coef_rows + 1, beta, mask=mask_t)
         tl.store(coef_rows + 2, tl.sum(tl.where(offs_t[:, None] == offs_t[None, :], qk, 0.0), axis=1) * inv_k,
                  mask=mask_t)
@@ -134,7 +134,7 @@ def _decode_scores_kernel(
         tl.store(w_base + L + offs_l, W * tl.sum(Kb * kn[None, :], axis=1), mask=mask_l)
         tl.store(w_base + 2 * L + offs_l, W * tl.sum(Kb * qn[None, :], axis=1), mask=mask_l)
     coef_base = coefs + (i_b * HV + i_h) * COEFS
-    tl.store(coef_base, tl.exp(G.to(tl.float32)))
+    tl.store(coef_base, tl.exp(G).to(tl.float32))  # exp in fp64: e^{G} to fp32 precision
     tl.store(coef_base + 1, beta)
     tl.store(coef_base + 2, tl.sum(qn * kn))
     tl.store(decay_base + n, G)

@@ -789,15 +789,18 @@ def report(env: Env, results: Sequence[Result], section: str, title: str, base_n
     base = {(r.batch, r.tokens): r.us for r in results if r.section == section and r.baseline and r.ok}
     for r in (r for r in results if r.section == section):
         ratio = None if r.us is None or base.get((r.batch, r.tokens)) is None else r.us / base[(r.batch, r.tokens)]
+        # bookkeeping runs once per model step, not once per layer: the ratio without it is the per-layer cost
+        bare = None if ratio is None else ratio * (1 - (r.bookkeeping_us or 0.0) / r.us)
         bw = None if not r.us else r.model_bytes / (r.us * 1e-6)
         pct = None if bw is None or not env.copy_bw else 100 * bw / env.copy_bw
         check = "ok" if r.ok else ("ERROR" if r.error else "FAIL")
         rows.append([str(r.batch), f"{r.method} {r.param}".strip(), str(r.tokens), _fmt(r.us, ".1f"),
-                     _fmt(r.bookkeeping_us, ".1f"), _fmt(ratio, ".2f"), _fmt(None if bw is None else bw / 1e9, ".0f"),
+                     _fmt(r.bookkeeping_us, ".1f"), _fmt(ratio, ".2f"), _fmt(bare, ".2f"),
+                     _fmt(None if bw is None else bw / 1e9, ".0f"),
                      _fmt(pct, ".0f"), _fmt(r.err_out, ".1e"), _fmt(r.err_state, ".1e"), check])
     if rows:
-        print_table(title, ["B", "method", "T", "us", "of which bk", f"x {base_name}", "GB/s", "%copy", "err out",
-                            "err state", "check"], rows)
+        print_table(title, ["B", "method", "T", "us", "of which bk", f"x {base_name}", "x w/o bk", "GB/s", "%copy",
+                            "err out", "err state", "check"], rows)
     for r in results:
         if r.section == section and r.error:
             print(f"  ERROR B={r.batch} T={r.tokens} {r.method} {r.param}: {r.error}")

@@ -23,8 +23,8 @@ import time
 import torch
 from kvbuffer.service.engine.api import GenerateRequest, SamplingParams
 from kvbuffer.service.engine.config import EngineConfig
-from kvbuffer.service.engine.core import EngineCore
-from kvbuffer.service.engine.memory import slot_bytes
+from kvbuffer.service.engine.core import EngineCore, dtype_name
+from kvbuffer.service.engine.memory import buffer_bytes, state_bytes
 from kvbuffer.service.model import LoadedModel, ModelConfig, empty_model, tiny
 from kvbuffer.service.model.gdn import GatedDeltaNet
 from kvbuffer.service.model.tokenizer import ByteTokenizer
@@ -183,9 +183,8 @@ def concurrency_table(args, cfg: ModelConfig, dtype: torch.dtype) -> None:
         for buffer_size in sorted({chunk + drafts, max(args.buffer_size, chunk + drafts)}):
             ec = EngineConfig(buffer_size=buffer_size, chunk_size=chunk, speculative_algorithm="ngram",
                               speculative_num_draft_tokens=drafts)
-            req, state, _ = slot_bytes(cfg, ec, dtype)
-            conv = len(cfg.linear_layers) * (cfg.linear_conv_kernel_dim - 1) * cfg.conv_dim * dtype.itemsize
-            buffer = req - conv
+            buffer = len(cfg.linear_layers) * buffer_bytes(cfg, ec, dtype)
+            state = len(cfg.linear_layers) * state_bytes(cfg)
             recurrent = (1 + drafts) * state
             for label, kv in ((f"< {buffer_size} tokens", buffer), (f">= {buffer_size} tokens", buffer + state)):
                 n_kv, n_rec = budget // kv, budget // recurrent
@@ -232,7 +231,7 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("CUDA is not available; use --device cpu --tiny for the CPU smoke test")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    args.dtype = str(dtype).removeprefix("torch.")
+    args.dtype = dtype_name(dtype)
     args.batches = args.batches or ([1, 2, 4, 8] if args.tiny else [1, 2, 4, 8, 16, 32, 64, 128, 256])
     args.steps = args.steps or (args.chunk_size if args.tiny else 2 * args.chunk_size)
     args.memory_budget_mib = args.memory_budget_mib or (256 if args.tiny else 40960)

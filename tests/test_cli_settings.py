@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from kvbuffer.service.cli import build_parser, main, settings_values
 from kvbuffer.service.engine.config import EngineConfig
 from kvbuffer.service.server.client import GenerateSettings
@@ -70,6 +71,8 @@ BAD_SETTINGS = [
     (["--chunk-size", "100"], {}, "chunk_size + speculative_num_draft_tokens (100 + 0) must be <= buffer_size (64)"),
     (["--speculative-algorithm", "ngram", "--speculative-num-draft-tokens", "40"], {},
      "speculative_num_draft_tokens: Input should be less than or equal to 16"),
+    (["--speculative-algorithm", "ngram", "--decode-mode", "recurrent"], {},
+     "speculative_algorithm: speculative decoding needs decode_mode=kvbuffer"),
     ([], {"KVBUFFER_MAX_RUNNING_REQUESTS": "0"}, "max_running_requests: Input should be greater than or equal to 1"),
     (["--shutdown-grace-period-s", "-1"], {}, "shutdown_grace_period_s: Input should be greater than 0"),
     (["--tls-cert-file", "/nonexistent.pem"], {}, "tls.cert_file: Path does not point to a file"),
@@ -105,3 +108,20 @@ def test_entry_point_exits_2_without_traceback() -> None:
     assert result.returncode == 2
     assert result.stderr == ("kvbuffer serve: error: max_context_length: Input should be greater than or equal "
                              "to 1 (got '0')\n")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_cuda_device_is_one_line_naming_device() -> None:
+    result = subprocess.run([sys.executable, "-m", "kvbuffer.service.cli", "serve", "--device", "cuda", "--port", "0",
+                             "--metrics-port", "0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode in (1, 2)
+    assert result.stderr.startswith("kvbuffer serve: error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "device: cuda requested but no CUDA device is available" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_importing_the_cli_does_not_import_torch() -> None:
+    """`kvbuffer --help` and `kvbuffer generate` need no torch (it takes seconds to import)."""
+    result = subprocess.run([sys.executable, "-c", "import sys, kvbuffer.service.cli; print('torch' in sys.modules)"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr

@@ -1,5 +1,6 @@
 """The `Engine` interface of the native engine: streaming, concurrency, cancellation that frees memory at once,
-validation before allocation, refusal when the waiting queue is full, and surviving a failing step."""
+validation before allocation, refusal when the waiting queue is full or the engine is shut down, surviving a
+failing step, and ending every request (never hanging) if the engine thread itself fails."""
 
 from __future__ import annotations
 
@@ -91,18 +92,19 @@ BAD = [
     ("prompt", GenerateRequest("a", prompt="")),
     ("prompt", GenerateRequest("a")),
     ("prompt_token_ids", GenerateRequest("a", prompt_token_ids=())),
-    ("prompt_token_ids", GenerateRequest("a", prompt_token_ids=(1, 999))),
+    ("prompt_token_ids[1]", GenerateRequest("a", prompt_token_ids=(1, 999))),
     ("prompt_token_ids", GenerateRequest("a", prompt_token_ids=(1,) * 256)),
     ("request_id", GenerateRequest("", prompt="x")),
     ("sampling.max_new_tokens", GenerateRequest("a", prompt="x", sampling=SamplingParams(max_new_tokens=0))),
+    ("sampling.max_new_tokens", GenerateRequest("a", prompt="x", sampling=SamplingParams(max_new_tokens=257))),
     ("sampling.temperature", GenerateRequest("a", prompt="x", sampling=SamplingParams(temperature=-1.0))),
     ("sampling.temperature", GenerateRequest("a", prompt="x", sampling=SamplingParams(temperature=float("nan")))),
     ("sampling.top_p", GenerateRequest("a", prompt="x", sampling=SamplingParams(top_p=0.0))),
     ("sampling.top_p", GenerateRequest("a", prompt="x", sampling=SamplingParams(top_p=1.5))),
     ("sampling.top_k", GenerateRequest("a", prompt="x", sampling=SamplingParams(top_k=-2))),
     ("sampling.seed", GenerateRequest("a", prompt="x", sampling=SamplingParams(seed=-1))),
-    ("sampling.stop_token_ids", GenerateRequest("a", prompt="x", sampling=SamplingParams(stop_token_ids=(300,)))),
-    ("sampling.stop_strings", GenerateRequest("a", prompt="x", sampling=SamplingParams(stop_strings=("",)))),
+    ("sampling.stop_token_ids[1]", GenerateRequest("a", prompt="x", sampling=SamplingParams(stop_token_ids=(1, 300)))),
+    ("sampling.stop_strings[0]", GenerateRequest("a", prompt="x", sampling=SamplingParams(stop_strings=("",)))),
 ]
 
 
@@ -161,3 +163,36 @@ def test_a_failing_step_ends_its_requests_with_error_and_the_engine_goes_on(monk
     failed, ok, stats = run(body)
     assert failed.finish_reason == "error" and ok.finish_reason == "length"
     assert stats.buffer_slots_used == 0
+
+
+def test_generate_after_shutdown_is_refused():
+    async def body(engine):
+        await engine.shutdown()
+        with pytest.raises(OverloadedError, match="shut down"):
+            await anext(engine.generate(request("late", [1, 2, 3], max_new_tokens=4)))
+        return engine.stats()
+
+    stats = run(body)
+    assert (stats.running_requests, stats.waiting_requests) == (0, 0)
+
+
+def test_a_failing_engine_thread_ends_every_request_with_error(monkeypatch):
+    """The step fails and so does the recovery from it: the thread is gone, so its requests end with "error" at
+    once (not hang) and new ones are refused."""
+    async def body(engine):
+        core = engine._core
+
+        def broken(*_args):
+            raise RuntimeError("injected failure")
+
+        monkeypatch.setattr(core.runner, "run", broken)
+        real_abort_all = core.abort_all
+        monkeypatch.setattr(core, "abort_all", broken)
+        results = await asyncio.gather(*(collect(engine, request(f"r{i}", [1, 2, 3], max_new_tokens=4))
+                                         for i in range(3)))
+        with pytest.raises(OverloadedError):
+            await anext(engine.generate(request("late", [1, 2, 3], max_new_tokens=4)))
+        monkeypatch.setattr(core, "abort_all", real_abort_all)  # shutdown frees what the core still holds
+        return [last.finish_reason for _, _, last in results]
+
+    assert run(body) == ["error"] * 3

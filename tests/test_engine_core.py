@@ -52,7 +52,7 @@ def test_chunked_prefill_keeps_the_step_token_budget():
 
 def test_preemption_under_a_small_kv_cache_changes_no_output():
     seed = fresh_seed()
-    prompts = random_prompts(seed, 4, 20, 40)
+    prompts = random_prompts(seed, 4, 26, 40)  # together past the 12 KV blocks, so someone is preempted
     # room for about one max-length request's KV blocks: the others are preempted and recomputed
     core = make_core(max_context_length=96, memory_budget_bytes=96 * 2 * 2 * 16 * 4 + 4 * 160_000)
     assert core.plan.kv_blocks * core.plan.block_size < 4 * 64

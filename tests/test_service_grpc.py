@@ -12,6 +12,9 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from kvbuffer.service.engine.api import OverloadedError
+from kvbuffer.service.server.admission import DrainingError
+from kvbuffer.service.server.servicer import status_of
 from kvbuffer.v1 import SERVICE_NAME
 from kvbuffer.v1 import kvbuffer_pb2 as pb
 from kvbuffer.v1 import kvbuffer_pb2_grpc as pb_grpc
@@ -89,6 +92,7 @@ def test_model_info_and_server_config(server: RunningServer) -> None:
 
     info, config = asyncio.run(go())
     assert (info.name, info.vocab_size, info.num_linear_attention_layers) == ("embedded:tiny-qwen3-next", 257, 3)
+    assert (info.device, info.dtype) == ("cpu", "float32")
     settings = server.settings
     assert config.engine == "native"
     assert (config.buffer_size, config.chunk_size, config.decode_mode) == (settings.buffer_size, settings.chunk_size,
@@ -140,6 +144,7 @@ BAD_REQUESTS = [
     (_request(stop_token_ids=list(range(65))), "sampling.stop_token_ids"),
     (_request(stop_strings=["ok", ""]), "sampling.stop_strings[1]"),
     (_request(stop_strings=["s"] * 17), "sampling.stop_strings"),
+    (_request(stop_strings=["ok", "s" * 257]), "sampling.stop_strings[1]"),
 ]
 
 
@@ -156,11 +161,20 @@ def test_bad_request_is_invalid_argument_naming_the_field(server: RunningServer,
     assert _engine_idle(server)
 
 
+def test_errors_map_to_statuses_subclasses_included() -> None:
+    class QueueFull(OverloadedError):
+        pass
+
+    assert status_of(QueueFull("full")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert status_of(DrainingError("draining")) == grpc.StatusCode.UNAVAILABLE
+
+
 def test_prompt_longer_than_the_context_is_refused_by_the_engine(server: RunningServer) -> None:
     """The service cannot count a text prompt's tokens; the engine's refusal maps to INVALID_ARGUMENT too."""
     with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as error:
         pb_grpc.KVBufferServiceStub(channel).GenerateUnary(_request("x" * 5000))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details().startswith("text: 5000 tokens leave no room")  # the proto's name of the prompt
 
 
 def test_client_cancel_frees_the_engine_request(server: RunningServer) -> None:

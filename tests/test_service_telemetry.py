@@ -12,7 +12,8 @@ from typing import Any
 
 import grpc
 import pytest
-from kvbuffer.service.server.telemetry import span_exporters_from_env
+from kvbuffer.service.engine.api import EngineStats
+from kvbuffer.service.server.telemetry import Telemetry, span_exporters_from_env
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -109,6 +110,34 @@ def test_engine_metrics_read_engine_stats(observed: Observed) -> None:
     for name in ("kvbuffer.queue_depth", "kvbuffer.running_requests", "kvbuffer.state_slots_used",
                  "kvbuffer.inflight_requests", "kvbuffer.speculative.drafted_tokens"):
         assert points[name][0].value == 0
+
+
+def test_each_collection_reads_engine_stats_once() -> None:
+    """Every engine instrument of one collection reports the same snapshot, taken once."""
+    snapshots = [EngineStats(tokens_by_path={"stateless": n, "buffered": 2 * n, "recurrent": 0}, flushes=n,
+                             drafted_tokens=0, accepted_tokens=0, running_requests=n, waiting_requests=0,
+                             state_slots_used=n, state_slots_total=8, buffer_slots_used=n, buffer_slots_total=8,
+                             buffer_occupancy=n / 8) for n in (1, 2)]
+    reads: list[EngineStats] = []
+
+    def engine_stats() -> EngineStats:
+        reads.append(snapshots[len(reads)])
+        return reads[-1]
+
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry("m", metric_readers=[reader])
+    telemetry.observe(engine_stats, lambda: 0)
+    try:
+        for n in (1, 2):
+            data = reader.get_metrics_data()
+            assert data is not None and len(reads) == n
+            points = {m.name: m.data.data_points for r in data.resource_metrics for s in r.scope_metrics
+                      for m in s.metrics}
+            assert {p.attributes["path"]: p.value for p in points["kvbuffer.decoded_tokens"]}["buffered"] == 2 * n
+            for name in ("kvbuffer.flushes", "kvbuffer.running_requests", "kvbuffer.state_slots_used"):
+                assert points[name][0].value == n
+    finally:
+        telemetry.shutdown()
 
 
 def _documented_metric_names() -> list[str]:

@@ -5,7 +5,7 @@ Every engine (the native one, later SGLang) implements `Engine`; the gRPC layer 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -75,9 +75,12 @@ class GenerateChunk:
     stats: RequestStats | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineStats:
-    """Engine-wide counters and gauges the service exports as metrics (cumulative counters since start)."""
+    """Engine-wide counters and gauges the service exports as metrics (cumulative counters since start).
+
+    A snapshot: the engine publishes a new one after each step or cancel and never changes one it published.
+    """
 
     tokens_by_path: dict[str, int]
     flushes: int
@@ -108,10 +111,11 @@ class Engine(Protocol):
     """The engine interface. `generate` yields chunks until one carries a finish_reason.
 
     Raises InvalidRequestError before allocating anything for a bad request, OverloadedError when it
-    cannot admit it. Closing the iterator early (client cancel) cancels the request and frees its memory.
+    cannot admit it (or is shut down). Closing the generator early (`aclose()`, client cancel) cancels the
+    request and frees its memory. `stats()` is cheap and may be called from any thread.
     """
 
-    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]: ...
+    def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateChunk, None]: ...
 
     async def cancel(self, request_id: str) -> None: ...
 

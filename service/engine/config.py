@@ -6,8 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from kvbuffer.kernels import check_settings
-
 DEFAULT_MODEL = "embedded:tiny-qwen3-next"
 
 
@@ -29,6 +27,8 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        from kvbuffer.kernels.validate import check_settings  # imports torch: only when a config is built
+
         positive = ("buffer_size", "chunk_size", "max_running_requests", "max_waiting_requests",
                     "max_num_batched_tokens", "max_context_length", "memory_budget_bytes")
         for name in positive:
@@ -38,4 +38,7 @@ class EngineConfig:
         if not 0 <= self.speculative_num_draft_tokens <= 16:
             raise ValueError(f"speculative_num_draft_tokens must be in 0..16, got "
                              f"{self.speculative_num_draft_tokens}")
+        if self.speculative_algorithm != "none" and self.decode_mode == "recurrent":
+            raise ValueError("speculative_algorithm: speculative decoding needs decode_mode=kvbuffer (the "
+                             "recurrent baseline keeps no per-draft states to roll back)")
         check_settings(self.buffer_size, self.chunk_size, drafts)

@@ -29,7 +29,10 @@ PATHS = ("stateless", "buffered", "recurrent")
 
 
 def resolve_device(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
-    """auto: CUDA if present; dtype auto: bfloat16 on CUDA, float32 on CPU."""
+    """auto: CUDA if present; dtype auto: bfloat16 on CUDA, float32 on CPU. ValueError if CUDA is asked for
+    and there is none."""
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda requested but no CUDA device is available")
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                           "cpu" if config.device == "auto" else config.device)
     if config.dtype == "auto":
@@ -37,12 +40,14 @@ def resolve_device(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
     return device, getattr(torch, config.dtype)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name the settings use for a dtype: `float32`, `bfloat16` (not `torch.float32`)."""
+    return str(dtype).removeprefix("torch.")
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         """`loaded`: an already built model (benchmarks with random weights); else config.model is loaded."""
-        if config.speculative_algorithm != "none" and config.decode_mode == "recurrent":
-            raise ValueError("speculative_algorithm: speculative decoding needs decode_mode=kvbuffer (the "
-                             "recurrent baseline keeps no per-draft states to roll back)")
         self.config = config
         self.device, self.dtype = resolve_device(config)
         self.loaded = loaded or load_model(config.model, self.device, self.dtype, config.seed)
@@ -165,4 +170,4 @@ class EngineCore:
     def model_info(self) -> ModelInfo:
         cfg = self.loaded.config
         return ModelInfo(self.loaded.name, "Qwen3NextForCausalLM", cfg.vocab_size, self.config.max_context_length,
-                         cfg.num_hidden_layers, len(cfg.linear_layers), str(self.device), str(self.dtype))
+                         cfg.num_hidden_layers, len(cfg.linear_layers), str(self.device), dtype_name(self.dtype))

@@ -2,21 +2,24 @@
 
 Requests reach the loop through an inbox (no lock is taken on the event loop for `generate`); chunks come back
 to each request's asyncio queue via `call_soon_threadsafe`. Cancelling (closing the iterator, or `cancel`)
-takes the step lock, so when it returns the request's slots, buffer and KV blocks are already free.
+takes the step lock, so when it returns the request's slots, buffer and KV blocks are already free. Under the
+same lock, after each step or cancel, the engine publishes an `EngineStats` snapshot that `stats()` returns
+to any thread (the metrics endpoint's included) without taking a lock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import asdict, dataclass
 
 from .api import EngineStats, GenerateChunk, GenerateRequest, InvalidRequestError, ModelInfo, OverloadedError
 from .config import EngineConfig
-from .core import EngineCore
+from .core import EngineCore, dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -37,30 +40,34 @@ class NativeEngine:
         self._streams: dict[str, _Stream] = {}  # active request ids (guarded by _ids)
         self._ids = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._stopping = False
+        self._stopping = False  # set by shutdown, or when the engine thread fails (guarded by _ids)
+        self._stats = self._core.stats()  # the latest snapshot, replaced under _lock
 
     # Engine interface
-    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+    def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateChunk, None]:
         """Validates now (InvalidRequestError); the request is queued when iteration starts (OverloadedError
-        then). Closing the iterator before the last chunk cancels the request."""
+        then). Closing the generator before the last chunk cancels the request."""
         prompt_ids = self._core.validate(request)
         return self._generate(request, prompt_ids)
 
-    async def _generate(self, request: GenerateRequest, prompt_ids: list[int]) -> AsyncIterator[GenerateChunk]:
+    async def _generate(self, request: GenerateRequest, prompt_ids: list[int]
+                        ) -> AsyncGenerator[GenerateChunk, None]:
         rid = request.request_id
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._ids:
+            if self._stopping:
+                raise OverloadedError("engine is shut down")
             if rid in self._streams:
                 raise InvalidRequestError("request_id", f"{rid!r} is already in use")
             waiting = self._inbox.qsize() + len(self._core.scheduler.waiting)
             if waiting >= self._config.max_waiting_requests:
                 raise OverloadedError(f"{waiting} requests are waiting (max_waiting_requests)")
             self._streams[rid] = stream
-        self._inbox.put((request, prompt_ids))
-        await self.start()
-        self._wake.set()
         done = False
         try:
+            self._inbox.put((request, prompt_ids))
+            await self.start()
+            self._wake.set()
             while not done:
                 chunk = await stream.chunks.get()
                 done = chunk.finish_reason is not None
@@ -73,7 +80,7 @@ class NativeEngine:
         await asyncio.to_thread(self._cancel, request_id)
 
     def stats(self) -> EngineStats:
-        return self._core.stats()
+        return self._stats
 
     def model_info(self) -> ModelInfo:
         return self._core.model_info()
@@ -81,7 +88,7 @@ class NativeEngine:
     def config(self) -> dict[str, object]:
         plan = self._core.plan
         return {**asdict(self._config), "resolved_device": str(self._core.device),
-                "resolved_dtype": str(self._core.dtype).removeprefix("torch."),
+                "resolved_dtype": dtype_name(self._core.dtype),
                 "request_slots": plan.request_slots, "state_slots": plan.state_slots,
                 "kv_cache_tokens": plan.kv_blocks * plan.block_size, "pool_bytes": plan.total_bytes}
 
@@ -91,52 +98,85 @@ class NativeEngine:
             self._thread.start()
 
     async def shutdown(self) -> None:
-        self._stopping = True
+        """Ends every request (finish_reason "cancelled"); later `generate` calls raise OverloadedError."""
+        with self._ids:
+            self._stopping = True
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
         with self._lock:
             self._drain()
-            self._deliver(self._core.abort_all("cancelled"))
+            outputs = self._core.abort_all("cancelled")
+            self._publish_stats()
+            self._deliver(outputs)
 
     # the engine thread
     def _drain(self) -> None:
+        """Moves queued requests into the core; one it cannot take ends at once with finish_reason "error"."""
         while True:
             try:
                 request, prompt_ids = self._inbox.get_nowait()
             except queue.Empty:
                 return
             if request.request_id in self._streams:  # not cancelled while in the inbox
-                self._core.add(request, prompt_ids)
+                try:
+                    self._core.add(request, prompt_ids)
+                except Exception:
+                    log.exception("could not queue request %s", request.request_id)
+                    self._deliver([(request.request_id, GenerateChunk([], "", finish_reason="error"))])
 
     def _loop(self) -> None:
-        while True:
-            self._wake.wait()
-            if self._stopping:
-                return
-            with self._lock:
-                self._wake.clear()
-                self._drain()
-                try:
-                    outputs = self._core.step()
-                except Exception:
-                    log.exception("engine step failed; ending the requests in flight")
-                    outputs = self._core.abort_all("error")
-                if self._core.has_work():
-                    self._wake.set()
-            self._deliver(outputs)
+        try:
+            while True:
+                self._wake.wait()
+                if self._stopping:
+                    return
+                with self._lock:
+                    self._wake.clear()
+                    try:
+                        self._drain()
+                        outputs = self._core.step()
+                    except Exception:
+                        log.exception("engine step failed; ending the requests in flight")
+                        outputs = self._core.abort_all("error")
+                    if self._core.has_work():
+                        self._wake.set()
+                    self._publish_stats()
+                self._deliver(outputs)
+        except Exception:
+            log.exception("engine thread failed; ending every request and refusing new ones")
+            self._fail_all()
+
+    def _publish_stats(self) -> None:
+        """Called with _lock held, after anything that changes the core's state."""
+        self._stats = self._core.stats()
 
     def _cancel(self, request_id: str) -> None:
         with self._lock:
             self._drain()
-            if (chunk := self._core.abort(request_id)) is not None:
+            chunk = self._core.abort(request_id)
+            self._publish_stats()
+            if chunk is not None:
                 self._deliver([(request_id, chunk)])
 
     def _deliver(self, outputs: list[tuple[str, GenerateChunk]]) -> None:
         """Hands chunks to their streams; a request's id is released with its last chunk."""
         for rid, chunk in outputs:
             with self._ids:
-                stream = self._streams.pop(rid) if chunk.finish_reason else self._streams.get(rid)
-            if stream is not None and not stream.loop.is_closed():
-                stream.loop.call_soon_threadsafe(stream.chunks.put_nowait, chunk)
+                stream = self._streams.pop(rid, None) if chunk.finish_reason else self._streams.get(rid)
+            if stream is not None:
+                _put(stream, chunk)
+
+    def _fail_all(self) -> None:
+        """The engine thread is gone: every open stream ends with finish_reason "error", new requests are refused."""
+        with self._ids:
+            self._stopping = True
+            streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            _put(stream, GenerateChunk([], "", finish_reason="error"))
+
+
+def _put(stream: _Stream, chunk: GenerateChunk) -> None:
+    with contextlib.suppress(RuntimeError):  # the stream's event loop has closed: nobody is listening
+        stream.loop.call_soon_threadsafe(stream.chunks.put_nowait, chunk)

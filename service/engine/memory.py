@@ -41,16 +41,37 @@ class MemoryPlan:
                 + self.kv_blocks * self.kv_block_bytes)
 
 
-def slot_bytes(cfg: ModelConfig, ec: EngineConfig, dtype: torch.dtype) -> tuple[int, int, int]:
-    """Bytes of one request slot, one checkpoint slot and one KV block, summed over layers."""
-    n_gdn, n_attn, size = len(cfg.linear_layers), len(cfg.attention_layers), dtype.itemsize
+def buffer_bytes(cfg: ModelConfig, ec: EngineConfig, dtype: torch.dtype) -> int:
+    """One request's buffer in one GDN layer: buffer_size entries of a key `[H, K]` in dtype, a corrected value
+    `[HV, V]` and a cumulative decay `[HV]` in fp32 (none with decode_mode=recurrent)."""
+    if ec.decode_mode == "recurrent":
+        return 0
     H, HV, K, V = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                    cfg.linear_value_head_dim)
-    buffer = 0 if ec.decode_mode == "recurrent" else ec.buffer_size * (H * K * size + HV * V * 4 + HV * 4)
-    conv = (cfg.linear_conv_kernel_dim - 1) * cfg.conv_dim * size
-    state = HV * V * K * 4
-    block = 2 * BLOCK_SIZE * cfg.num_key_value_heads * cfg.head_dim * size
-    return n_gdn * (buffer + conv), n_gdn * state, n_attn * block
+    return ec.buffer_size * (H * K * dtype.itemsize + HV * V * 4 + HV * 4)
+
+
+def conv_state_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """One request's conv state in one GDN layer: its last kernel - 1 conv inputs."""
+    return (cfg.linear_conv_kernel_dim - 1) * cfg.conv_dim * dtype.itemsize
+
+
+def state_bytes(cfg: ModelConfig) -> int:
+    """One checkpoint in one GDN layer: `[HV, V, K]` fp32."""
+    return cfg.linear_num_value_heads * cfg.linear_value_head_dim * cfg.linear_key_head_dim * 4
+
+
+def kv_block_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """One KV-cache block of one full-attention layer: keys and values of BLOCK_SIZE tokens."""
+    return 2 * BLOCK_SIZE * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
+
+
+def slot_bytes(cfg: ModelConfig, ec: EngineConfig, dtype: torch.dtype) -> tuple[int, int, int]:
+    """Bytes of one request slot (buffers + conv states), one checkpoint slot and one KV block, summed over
+    layers."""
+    n_gdn, n_attn = len(cfg.linear_layers), len(cfg.attention_layers)
+    return (n_gdn * (buffer_bytes(cfg, ec, dtype) + conv_state_bytes(cfg, dtype)), n_gdn * state_bytes(cfg),
+            n_attn * kv_block_bytes(cfg, dtype))
 
 
 def plan_memory(cfg: ModelConfig, ec: EngineConfig, dtype: torch.dtype) -> MemoryPlan:

@@ -1,4 +1,4 @@
-"""Output processing: stop conditions on new tokens, and the text delta to stream (stop strings included)."""
+"""Output processing: stop conditions on new tokens, and the text delta to stream (cut before a stop string)."""
 
 from __future__ import annotations
 
@@ -25,12 +25,16 @@ def text_delta(seq: Sequence, tokenizer: Tokenizer, finished: bool) -> tuple[str
     """New text since the last call, and whether a stop string ended it (text is cut before the stop string).
 
     Until the request finishes, text that may still change is held back: an incomplete UTF-8 sequence (U+FFFD
-    at the end) and a tail that could be the start of a stop string.
+    at the end) and a tail that could be the start of a stop string. Incremental: only the tokens since the
+    last point where the text was settled (whole characters) are decoded, with the span before them as
+    context, so a step costs the new tokens, not the whole output.
     """
-    text = tokenizer.decode(seq.output_ids)
+    ids, base = seq.token_ids, seq.prompt_len
+    prefix = tokenizer.decode(ids[base + seq.prefix_offset:base + seq.read_offset])
+    unsettled = tokenizer.decode(ids[base + seq.prefix_offset:])[len(prefix):]
+    text = seq.held_text + unsettled[seq.sent_ahead:]  # everything not streamed yet
     stops = seq.sampling.stop_strings
-    scan_from = max(0, len(seq.sent_text) - max((len(s) for s in stops), default=0))
-    hits = [i for i in (text.find(s, scan_from) for s in stops) if i >= 0]
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]  # a stop string never starts in streamed text
     if hits:
         end, stopped = min(hits), True
     elif finished:
@@ -39,8 +43,13 @@ def text_delta(seq: Sequence, tokenizer: Tokenizer, finished: bool) -> tuple[str
         end, stopped = len(text.rstrip("\ufffd")), False
         for s in stops:
             end = min(end, next((end - k for k in range(min(len(s) - 1, end), 0, -1)
-                                 if text[:end].endswith(s[:k])), end))
-    end = max(end, len(seq.sent_text))
-    delta = text[len(seq.sent_text):end]
-    seq.sent_text += delta
-    return delta, stopped
+                                 if text.endswith(s[:k], 0, end)), end))
+    if not unsettled.endswith("\ufffd"):  # the output so far decodes to whole characters: settle it
+        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids) - base
+        seq.held_text, seq.sent_ahead = text[end:], 0
+    elif end <= len(seq.held_text):
+        seq.held_text = seq.held_text[end:]
+    else:
+        seq.sent_ahead += end - len(seq.held_text)
+        seq.held_text = ""
+    return text[:end], stopped

@@ -33,7 +33,11 @@ class Sequence:
     drafts: list[int] = field(default_factory=list)  # speculative tokens proposed for the next step
     stats: RequestStats = field(default_factory=RequestStats)
     finish_reason: FinishReason | None = None
-    sent_text: str = ""  # text already streamed
+    # incremental detokenization (output.text_delta); offsets count output tokens
+    read_offset: int = 0  # output tokens whose text is settled (they decode to whole characters)
+    prefix_offset: int = 0  # where the previous settled span starts: decoding context for the tokens after it
+    held_text: str = ""  # settled text not streamed yet: it could be the start of a stop string
+    sent_ahead: int = 0  # characters already streamed of the unsettled text past read_offset
 
     @property
     def num_tokens(self) -> int:

@@ -1,8 +1,11 @@
-"""Checks a GenerateRequest before anything is allocated; every error names the offending field."""
+"""Checks a GenerateRequest before anything is allocated; every error names the offending field (`prompt`,
+`prompt_token_ids[3]`, `sampling.top_p`). These are the only range checks of a request: the gRPC service checks
+just what its protocol implies (presence, list sizes) and renames these fields to its own."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from ..model import Tokenizer
 from .api import GenerateRequest, InvalidRequestError
@@ -19,19 +22,27 @@ def validate_request(req: GenerateRequest, tokenizer: Tokenizer, config: EngineC
     ids = tokenizer.encode(req.prompt) if req.prompt is not None else list(req.prompt_token_ids or ())
     if not ids:
         raise InvalidRequestError(field, "must not be empty")
-    if any(not isinstance(t, int) or not 0 <= t < tokenizer.vocab_size for t in ids):
-        raise InvalidRequestError(field, f"token ids must be in 0..{tokenizer.vocab_size - 1}")
+    _check_token_ids(ids, field, tokenizer, indexed=req.prompt is None)
     if len(ids) >= config.max_context_length:
         raise InvalidRequestError(field, f"{len(ids)} tokens leave no room to generate within "
                                          f"max_context_length {config.max_context_length}")
-    _validate_sampling(req, tokenizer)
+    _validate_sampling(req, tokenizer, config)
     return ids
 
 
-def _validate_sampling(req: GenerateRequest, tokenizer: Tokenizer) -> None:
+def _check_token_ids(ids: Sequence[int], field: str, tokenizer: Tokenizer, *, indexed: bool = True) -> None:
+    """Every id in the vocabulary; the error names `field[i]` for the offending id (just `field` if not indexed)."""
+    for i, t in enumerate(ids):
+        if not isinstance(t, int) or not 0 <= t < tokenizer.vocab_size:
+            raise InvalidRequestError(f"{field}[{i}]" if indexed else field,
+                                      f"token id {t} is outside the vocabulary [0, {tokenizer.vocab_size})")
+
+
+def _validate_sampling(req: GenerateRequest, tokenizer: Tokenizer, config: EngineConfig) -> None:
     s = req.sampling
-    if s.max_new_tokens < 1:
-        raise InvalidRequestError("sampling.max_new_tokens", f"must be >= 1, got {s.max_new_tokens}")
+    if not 1 <= s.max_new_tokens <= config.max_context_length:
+        raise InvalidRequestError("sampling.max_new_tokens", f"must be in [1, {config.max_context_length}], "
+                                                             f"got {s.max_new_tokens}")
     if not math.isfinite(s.temperature) or s.temperature < 0:
         raise InvalidRequestError("sampling.temperature", f"must be finite and >= 0, got {s.temperature}")
     if not 0 < s.top_p <= 1:
@@ -40,7 +51,7 @@ def _validate_sampling(req: GenerateRequest, tokenizer: Tokenizer) -> None:
         raise InvalidRequestError("sampling.top_k", f"must be >= 0 (0 disables it), got {s.top_k}")
     if s.seed is not None and not 0 <= s.seed < 2**63:
         raise InvalidRequestError("sampling.seed", f"must be in 0..2**63-1, got {s.seed}")
-    if any(not 0 <= t < tokenizer.vocab_size for t in s.stop_token_ids):
-        raise InvalidRequestError("sampling.stop_token_ids", f"must be in 0..{tokenizer.vocab_size - 1}")
-    if any(not isinstance(x, str) or not x for x in s.stop_strings):
-        raise InvalidRequestError("sampling.stop_strings", "must be non-empty strings")
+    _check_token_ids(s.stop_token_ids, "sampling.stop_token_ids", tokenizer)
+    for i, stop in enumerate(s.stop_strings):
+        if not isinstance(stop, str) or not stop:
+            raise InvalidRequestError(f"sampling.stop_strings[{i}]", "must be a non-empty string")

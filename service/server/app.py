@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from kvbuffer.service.engine import build_engine
 from kvbuffer.service.engine.api import Engine
 from kvbuffer.service.server.admission import Admission
 from kvbuffer.service.server.servicer import KVBufferServicer
@@ -166,11 +167,16 @@ class Server:
 
 async def serve(settings: ServiceSettings) -> None:
     """Runs a server until SIGTERM or SIGINT has drained it."""
-    from kvbuffer.service.engine import build_engine  # the engine pulls in torch and the model code
+    import torch  # for its OutOfMemoryError (the native engine imports torch anyway)
 
     try:
         server = Server(settings, build_engine(settings.engine_config()))
         await server.start()
+    except torch.OutOfMemoryError as exc:  # the model's weights plus the pools do not fit on the device
+        reason = next(iter(str(exc).splitlines()), "out of memory")
+        raise StartupError(f"memory_budget_bytes: the model {settings.model!r} and pools of memory_budget_bytes="
+                           f"{settings.memory_budget_bytes} do not fit on the device; lower memory_budget_bytes "
+                           f"({reason})") from None
     except (OSError, ValueError) as exc:  # e.g. a model directory that is missing or not a supported model
         raise StartupError(f"engine start-up failed (model={settings.model!r}, device={settings.device}): "
                            f"{exc}") from None

@@ -1,5 +1,6 @@
 """The kvbuffer.v1 servicer: translates protocol messages to engine calls and engine outcomes to messages and
-status codes. Validation, admission and telemetry live in their own modules; this one only wires them.
+status codes (the engine's field names in errors to the proto's). Validation, admission and telemetry live in
+their own modules; this one only wires them.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -23,7 +25,7 @@ from kvbuffer.service.engine.api import (
 )
 from kvbuffer.service.server.admission import Admission, DrainingError
 from kvbuffer.service.server.telemetry import RequestRecord, Telemetry
-from kvbuffer.service.server.validation import Limits, validate_generate_request
+from kvbuffer.service.server.validation import validate_generate_request
 from kvbuffer.v1 import kvbuffer_pb2 as pb
 from kvbuffer.v1 import kvbuffer_pb2_grpc as pb_grpc
 
@@ -35,6 +37,8 @@ _STATUS_OF_ERROR: dict[type[Exception], grpc.StatusCode] = {
     OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DrainingError: grpc.StatusCode.UNAVAILABLE,
 }
+# GenerateRequest fields whose engine name differs from the proto's (the rest, `sampling.top_p`, are the same).
+_PROTO_FIELDS = {"prompt": "text", "prompt_token_ids": "token_ids.ids"}
 _FINISH_REASONS = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP,
                    "length": pb.FINISH_REASON_LENGTH, "cancelled": pb.FINISH_REASON_CANCELLED,
                    "error": pb.FINISH_REASON_ERROR}
@@ -67,6 +71,17 @@ def merged_response(responses: list[pb.GenerateResponse]) -> pb.GenerateResponse
     return whole
 
 
+def status_of(exc: Exception) -> grpc.StatusCode:
+    """The status of one of the _STATUS_OF_ERROR errors, subclasses included."""
+    return next(code for error, code in _STATUS_OF_ERROR.items() if isinstance(exc, error))
+
+
+def proto_field(field: str) -> str:
+    """An engine field name as the proto spells it: `prompt_token_ids[3]` -> `token_ids.ids[3]`."""
+    name = re.split(r"[.\[]", field, maxsplit=1)[0]
+    return _PROTO_FIELDS.get(name, name) + field[len(name):]
+
+
 def filled(message: M, values: dict[str, Any]) -> M:
     """Sets the message's fields that values names; values of string fields are converted with str()."""
     for field in message.DESCRIPTOR.fields:
@@ -82,8 +97,6 @@ class KVBufferServicer(pb_grpc.KVBufferServiceServicer):
         self._admission = admission
         self._telemetry = telemetry
         self._engine_name = engine_name
-        info = engine.model_info()
-        self._limits = Limits(vocab_size=info.vocab_size, max_context_length=info.max_context_length)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         # Written with context.write rather than as an async generator: a cancelled call then always
@@ -113,7 +126,7 @@ class KVBufferServicer(pb_grpc.KVBufferServiceServicer):
         record = self._telemetry.request(method)
         try:
             with self._admission.admit():
-                engine_request = validate_generate_request(request, self._limits)
+                engine_request = validate_generate_request(request)
                 response_id = request.request_id or engine_request.request_id
                 record.admitted(engine_request, response_id)
                 final = await self._run(engine_request, response_id, record, emit)
@@ -122,7 +135,7 @@ class KVBufferServicer(pb_grpc.KVBufferServiceServicer):
             record.finish(code)
             raise
         except tuple(_STATUS_OF_ERROR) as exc:
-            code = _STATUS_OF_ERROR[type(exc)]
+            code = status_of(exc)
             record.finish(code, error=str(exc))
             await context.abort(code, str(exc))
         except Exception:
@@ -136,7 +149,11 @@ class KVBufferServicer(pb_grpc.KVBufferServiceServicer):
                    emit: Callable[[pb.GenerateResponse], Awaitable[None]]) -> GenerateChunk:
         """Streams the engine's chunks out. Leaving early (cancel, deadline, error) closes the engine's iterator,
         which cancels the engine request and frees its memory (Engine contract)."""
-        async with contextlib.aclosing(self._engine.generate(request)) as chunks:
+        try:
+            generator = self._engine.generate(request)
+        except InvalidRequestError as exc:  # the engine's checks, named as the client knows the fields
+            raise InvalidRequestError(proto_field(exc.field), exc.message) from None
+        async with contextlib.aclosing(generator) as chunks:
             async for chunk in chunks:
                 record.chunk(chunk)
                 await emit(response_message(response_id, chunk))

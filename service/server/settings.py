@@ -26,7 +26,7 @@ from pydantic_settings import (
 
 ENV_PREFIX = "KVBUFFER_"
 ENV_NESTED_DELIMITER = "__"
-_DEFAULTS = EngineConfig()
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}  # without building one: no torch import
 
 
 class SettingsError(ValueError):
@@ -69,7 +69,7 @@ class AuthSettings(BaseModel):
 
 
 def _engine_default(name: str) -> Any:
-    return getattr(_DEFAULTS, name)
+    return _DEFAULTS[name]
 
 
 class ServiceSettings(BaseSettings):

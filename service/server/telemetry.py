@@ -3,7 +3,8 @@
 Each server owns its providers (nothing global), so several can live in one process (tests) and each
 exposes exactly its own metrics. Traces go wherever the standard OTEL_* variables say; metrics are
 scraped by Prometheus from an HTTP port, and the KVBuffer counters are read from Engine.stats() at
-each scrape (observable instruments), so the engine keeps no exporter-specific code.
+each scrape (observable instruments), once per collection so that every instrument reports the same
+snapshot, and the engine keeps no exporter-specific code.
 """
 
 from __future__ import annotations
@@ -113,8 +114,10 @@ class Telemetry:
 
     def observe(self, engine_stats: Callable[[], EngineStats], in_flight: Callable[[], int]) -> None:
         """Registers the instruments read at each collection: the engine's counters, the service's in-flight count."""
+        stats = _OncePerCollection(engine_stats)
+
         def reader(attribute: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
-            return lambda _options: [Observation(getattr(engine_stats(), attribute))]
+            return lambda _options: [Observation(getattr(stats.get(attribute), attribute))]
 
         for name, (attribute, unit, description) in _ENGINE_GAUGES.items():
             self._meter.create_observable_gauge(name, [reader(attribute)], unit=unit, description=description)
@@ -122,7 +125,8 @@ class Telemetry:
             self._meter.create_observable_counter(name, [reader(attribute)], unit=unit, description=description)
         self._meter.create_observable_counter(
             "kvbuffer.decoded_tokens",
-            [lambda _options: [Observation(n, {"path": path}) for path, n in engine_stats().tokens_by_path.items()]],
+            [lambda _options: [Observation(n, {"path": path})
+                               for path, n in stats.get("tokens_by_path").tokens_by_path.items()]],
             unit="{token}", description="Tokens decoded, by the path that produced them: stateless (no state), "
                                         "buffered (checkpoint + buffer), recurrent (baseline)")
         self._meter.create_observable_gauge(
@@ -145,6 +149,25 @@ class Telemetry:
             self._metrics_http.server_close()
         self.tracer_provider.shutdown()
         self.meter_provider.shutdown()
+
+
+class _OncePerCollection:
+    """Engine stats read once per metrics collection, shared by that collection's instruments.
+
+    The SDK runs one collection's callbacks one after another under its lock, each once; so a callback asking
+    a second time starts the next collection, which reads a fresh snapshot.
+    """
+
+    def __init__(self, read: Callable[[], EngineStats]) -> None:
+        self._read = read
+        self._stats: EngineStats | None = None
+        self._asked: set[str] = set()
+
+    def get(self, instrument: str) -> EngineStats:
+        if self._stats is None or instrument in self._asked:
+            self._stats, self._asked = self._read(), set()
+        self._asked.add(instrument)
+        return self._stats
 
 
 class RequestRecord:

@@ -16,6 +16,7 @@ from .pools import BufferPool
 from .reference import NORM_EPS
 from .tiles import block, fold_into
 
+Tensor = torch.Tensor
 
 @triton.jit
 def _fold_kernel(
@@ -34,8 +35,8 @@ def _fold_kernel(
               no_token, keys_base, 0.0, i_h, offs_v, offs_v < V, tl.where(read >= 0, V, 0), HV, K, V, BK, KC)
 
 
-def fold_triton(states, buffer: BufferPool, buf_slots, buf_lens, read_slots, write_slots,
-                block_v: int = 32, num_warps: int = 4) -> None:
+def fold_triton(states: Tensor, buffer: BufferPool, buf_slots: Tensor, buf_lens: Tensor, read_slots: Tensor,
+                write_slots: Tensor, block_v: int = 32, num_warps: int = 4) -> None:
     n_req = buf_slots.numel()
     if n_req == 0:
         return

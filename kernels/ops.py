@@ -25,6 +25,8 @@ from . import reference
 from .pools import BufferPool
 from .validate import check_buffer, check_room, check_slots, check_states, check_tokens, expect
 
+Tensor = torch.Tensor
+
 Backend = Literal["auto", "triton", "torch"]
 
 
@@ -47,8 +49,9 @@ def _check_out(out: torch.Tensor | None, v: torch.Tensor, q: torch.Tensor) -> No
             raise ValueError("out must be contiguous")
 
 
-def _check_buffered(q, k, v, a, b, A_log, dt_bias, states, buffer, n_req, buf_slots, buf_lens, read_slots,
-                    check_values, out):
+def _check_buffered(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor,
+                    states: Tensor, buffer: BufferPool, n_req: int, buf_slots: Tensor, buf_lens: Tensor,
+                    read_slots: Tensor, check_values: bool, out: Tensor | None) -> int:
     N, H, HV, K, V = check_tokens(q, k, v, a, b, A_log, dt_bias)
     dev = q.device
     check_states(states, HV, K, V, dev)
@@ -60,10 +63,11 @@ def _check_buffered(q, k, v, a, b, A_log, dt_bias, states, buffer, n_req, buf_sl
     return N
 
 
-def buffered_decode(q, k, v, a, b, A_log, dt_bias, states: torch.Tensor, buffer: BufferPool,
-                    buf_slots: torch.Tensor, buf_lens: torch.Tensor, read_slots: torch.Tensor,
-                    write_slots: torch.Tensor, scale: float | None = None, backend: Backend = "auto",
-                    check_values: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+def buffered_decode(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor,
+                    states: torch.Tensor, buffer: BufferPool, buf_slots: torch.Tensor, buf_lens: torch.Tensor,
+                    read_slots: torch.Tensor, write_slots: torch.Tensor, scale: float | None = None,
+                    backend: Backend = 'auto', check_values: bool = True,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """One new token for each of B requests, from checkpoint (read_slots) + buffer; the state is only read.
 
     o_n = e^{G_n} S0^T q_n + sum_{j<=n} e^{G_n-G_j} (q_n.k_j) d_j, with d_n the corrected value. Appends
@@ -86,8 +90,8 @@ def buffered_decode(q, k, v, a, b, A_log, dt_bias, states: torch.Tensor, buffer:
                                                 buf_lens, read_slots, write_slots, scale))
 
 
-def recurrent_decode(q, k, v, a, b, A_log, dt_bias, states: torch.Tensor, slots: torch.Tensor,
-                     scale: float | None = None, backend: Backend = "auto",
+def recurrent_decode(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor,
+                     states: torch.Tensor, slots: torch.Tensor, scale: float | None = None, backend: Backend = 'auto',
                      check_values: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
     """The baseline decode: one token per request, reading and writing its whole state every step."""
     B, _, HV, K, V = check_tokens(q, k, v, a, b, A_log, dt_bias)
@@ -100,9 +104,9 @@ def recurrent_decode(q, k, v, a, b, A_log, dt_bias, states: torch.Tensor, slots:
     return _into(out, reference.recurrent_decode(q, k, v, a, b, A_log, dt_bias, states, slots, scale))
 
 
-def verify(q, k, v, a, b, A_log, dt_bias, states: torch.Tensor, buffer: BufferPool, cu_seqlens: torch.Tensor,
-           buf_slots: torch.Tensor, buf_lens: torch.Tensor, read_slots: torch.Tensor,
-           scale: float | None = None, backend: Backend = "auto", check_values: bool = True,
+def verify(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, states: torch.Tensor,
+           buffer: BufferPool, cu_seqlens: torch.Tensor, buf_slots: torch.Tensor, buf_lens: torch.Tensor,
+           read_slots: torch.Tensor, scale: float | None = None, backend: Backend = 'auto', check_values: bool = True,
            out: torch.Tensor | None = None, max_tokens: int | None = None) -> torch.Tensor:
     """T_i tokens for each request at once (draft verification, or a short prompt into the buffer).
 
@@ -158,9 +162,9 @@ def fold(states: torch.Tensor, buffer: BufferPool, buf_slots: torch.Tensor, buf_
     return reference.fold(states, buffer, buf_slots, buf_lens, read_slots, write_slots)
 
 
-def prefill(q, k, v, a, b, A_log, dt_bias, states: torch.Tensor, cu_seqlens: torch.Tensor,
-            read_slots: torch.Tensor, write_slots: torch.Tensor, scale: float | None = None,
-            backend: Backend = "auto", check_values: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+def prefill(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, states: torch.Tensor,
+            cu_seqlens: torch.Tensor, read_slots: torch.Tensor, write_slots: torch.Tensor, scale: float | None = None,
+            backend: Backend = 'auto', check_values: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
     """Long prompts straight into checkpoints (fla-core's chunked kernel on CUDA).
 
     Starts each request from states[read_slots] (zeros where -1) and writes its final state to

@@ -9,9 +9,11 @@ from __future__ import annotations
 import torch
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
+Tensor = torch.Tensor
 
-def prefill_chunked(q, k, v, a, b, A_log, dt_bias, states, cu_seqlens, read_slots, write_slots,
-                    scale=None) -> torch.Tensor:
+def prefill_chunked(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor,
+                    states: Tensor, cu_seqlens: Tensor, read_slots: Tensor, write_slots: Tensor,
+                    scale: float | None = None) -> torch.Tensor:
     initial = states[read_slots.clamp(min=0).long()] * (read_slots >= 0).to(states.dtype)[:, None, None, None]
     out, final = chunk_gated_delta_rule(
         q[None], k[None], v[None], g=a[None], beta=b[None], scale=scale, initial_state=initial,

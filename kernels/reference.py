@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from .pools import BufferPool
 
+Tensor = torch.Tensor
+
 NORM_EPS = 1e-6
 
 
@@ -32,7 +34,8 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def _prepare(q, k, v, a, b, A_log, dt_bias, scale, dtype):
+def _prepare(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, scale: float | None,
+             dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gating and normalization in `dtype`; q and k expanded from H key heads to HV value heads."""
     groups = v.shape[-2] // q.shape[-2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -42,7 +45,8 @@ def _prepare(q, k, v, a, b, A_log, dt_bias, scale, dtype):
     return qn, kn, v.to(dtype), g, beta
 
 
-def recurrence(q, k, v, a, b, A_log, dt_bias, state=None, scale=None):
+def recurrence(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor,
+               state: Tensor | None = None, scale: float | None = None) -> tuple[Tensor, Tensor]:
     """The Gated DeltaNet recurrence over one sequence, token by token.
 
     q, k `[T, H, K]`, v `[T, HV, V]`, a, b `[T, HV]`, state `[HV, V, K]` or None (zeros).
@@ -67,7 +71,8 @@ def _checkpoints(states: torch.Tensor, read_slots: torch.Tensor, dtype: torch.dt
     return S0 * (read_slots >= 0).to(dtype)[:, None, None, None]
 
 
-def _buffer_view(buffer: BufferPool, slots: torch.Tensor, groups: int, dtype: torch.dtype):
+def _buffer_view(buffer: BufferPool, slots: torch.Tensor, groups: int,
+                 dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """Normalized keys `[B, HV, L, K]`, values `[B, HV, L, V]`, decays `[B, HV, L]` of each request's buffer.
 
     Decays stay in at least their stored precision (fp64): weights are differences of long cumulative sums.
@@ -78,8 +83,9 @@ def _buffer_view(buffer: BufferPool, slots: torch.Tensor, groups: int, dtype: to
     return keys, buffer.values[slots].to(dtype), decays
 
 
-def buffered_decode(q, k, v, a, b, A_log, dt_bias, states, buffer: BufferPool, buf_slots, buf_lens,
-                    read_slots, write_slots, scale=None):
+def buffered_decode(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor,
+                    states: Tensor, buffer: BufferPool, buf_slots: Tensor, buf_lens: Tensor, read_slots: Tensor,
+                    write_slots: Tensor, scale: float | None = None) -> Tensor:
     """One token per request from checkpoint + buffer; appends (k, d, G) at buf_lens; flushes to write_slots."""
     dtype = _compute_dtype(v, states, buffer.values)
     qn, kn, v, g, beta = _prepare(q, k, v, a, b, A_log, dt_bias, scale, dtype)
@@ -110,7 +116,8 @@ def buffered_decode(q, k, v, a, b, A_log, dt_bias, states, buffer: BufferPool, b
     return o.to(q.dtype)
 
 
-def recurrent_decode(q, k, v, a, b, A_log, dt_bias, states, slots, scale=None):
+def recurrent_decode(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor,
+                     states: Tensor, slots: Tensor, scale: float | None = None) -> Tensor:
     """The baseline: one token per request, reading and writing its state at `slots`."""
     dtype = _compute_dtype(v, states)
     qn, kn, v, g, beta = _prepare(q, k, v, a, b, A_log, dt_bias, scale, dtype)
@@ -121,8 +128,9 @@ def recurrent_decode(q, k, v, a, b, A_log, dt_bias, states, slots, scale=None):
     return torch.einsum("bhvk,bhk->bhv", S, qn).to(q.dtype)
 
 
-def verify(q, k, v, a, b, A_log, dt_bias, states, buffer: BufferPool, cu_seqlens, buf_slots, buf_lens,
-           read_slots, scale=None):
+def verify(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, states: Tensor,
+           buffer: BufferPool, cu_seqlens: Tensor, buf_slots: Tensor, buf_lens: Tensor, read_slots: Tensor,
+           scale: float | None = None) -> Tensor:
     """T_i tokens per request in parallel (draft verification, short prefill), from checkpoint + buffer.
 
     Entries are appended at buf_lens[i] + t; nothing else is written, so keeping the first `accepted`
@@ -160,7 +168,8 @@ def verify(q, k, v, a, b, A_log, dt_bias, states, buffer: BufferPool, cu_seqlens
     return out.to(q.dtype)
 
 
-def fold(states, buffer: BufferPool, buf_slots, buf_lens, read_slots, write_slots):
+def fold(states: Tensor, buffer: BufferPool, buf_slots: Tensor, buf_lens: Tensor, read_slots: Tensor,
+         write_slots: Tensor) -> None:
     """Folds each buffer into its checkpoint: S = e^{G_last} S0 + sum_j e^{G_last - G_j} k_j d_j^T."""
     dtype = _compute_dtype(states, buffer.values)
     groups = buffer.values.shape[1] // buffer.keys.shape[1]
@@ -175,7 +184,8 @@ def fold(states, buffer: BufferPool, buf_slots, buf_lens, read_slots, write_slot
     states[write_slots.long()] = S.to(states.dtype)
 
 
-def prefill(q, k, v, a, b, A_log, dt_bias, states, cu_seqlens, read_slots, write_slots, scale=None):
+def prefill(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, states: Tensor,
+            cu_seqlens: Tensor, read_slots: Tensor, write_slots: Tensor, scale: float | None = None) -> Tensor:
     """Whole prompts into checkpoints: starts from read_slots (zeros where < 0), final states to write_slots."""
     out = torch.empty(v.shape, dtype=q.dtype, device=v.device)
     starts = cu_seqlens.tolist()

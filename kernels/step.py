@@ -24,6 +24,8 @@ import triton.language as tl
 from .pools import BufferPool
 from .tiles import NORM_EPS, block, fold_into, gate, l2norm_vec
 
+Tensor = torch.Tensor
+
 MAX_TOKENS_PER_ROUND = 16
 DECODE_SCORES_WARPS, SCORES_WARPS = 2, 4  # the fastest measured on an H100 (docs/BENCHMARKS.md)
 WEIGHT_KINDS = tl.constexpr(3)  # e^{G_t-G_j}/|k_j| (folds raw keys), k-score, q-score
@@ -228,8 +230,9 @@ def _token(q, k, a, b, A_log, dt_bias, scale, tk, i_h, i_hk, offs_k, mask_k,
     return k_raw, qn, l2norm_vec(k_raw.to(tl.float32), NORM_EPS), g, beta
 
 
-def _launch(q, k, v, a, b, A_log, dt_bias, states, buffer: BufferPool | None, cu_seqlens, buf_slots, buf_lens,
-            read_slots, write_slots, scale, out, max_tokens: int, n_req: int,
+def _launch(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, states: Tensor,
+            buffer: BufferPool | None, cu_seqlens: Tensor, buf_slots: Tensor, buf_lens: Tensor, read_slots: Tensor,
+            write_slots: Tensor, scale: float | None, out: Tensor | None, max_tokens: int, n_req: int,
             block_v: int = 32, block_l: int = 16, num_warps: int = 2) -> torch.Tensor:
     N, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
@@ -272,20 +275,25 @@ def _launch(q, k, v, a, b, A_log, dt_bias, states, buffer: BufferPool | None, cu
     return out
 
 
-def buffered_decode_triton(q, k, v, a, b, A_log, dt_bias, states, buffer: BufferPool, buf_slots, buf_lens,
-                           read_slots, write_slots, scale=None, out=None, **tuning) -> torch.Tensor:
+def buffered_decode_triton(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor,
+                           states: Tensor, buffer: BufferPool, buf_slots: Tensor, buf_lens: Tensor, read_slots: Tensor,
+                           write_slots: Tensor, scale: float | None = None, out: Tensor | None = None,
+                           **tuning) -> torch.Tensor:
     return _launch(q, k, v, a, b, A_log, dt_bias, states, buffer, None, buf_slots, buf_lens, read_slots, write_slots,
                    scale, out, max_tokens=1, n_req=q.shape[0], **tuning)
 
 
-def recurrent_decode_triton(q, k, v, a, b, A_log, dt_bias, states, slots, scale=None, out=None,
+def recurrent_decode_triton(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor,
+                            states: Tensor, slots: Tensor, scale: float | None = None, out: Tensor | None = None,
                             **tuning) -> torch.Tensor:
     return _launch(q, k, v, a, b, A_log, dt_bias, states, None, None, slots, slots, slots, slots, scale, out,
                    max_tokens=1, n_req=q.shape[0], **tuning)
 
 
-def verify_triton(q, k, v, a, b, A_log, dt_bias, states, buffer: BufferPool, cu_seqlens, buf_slots, buf_lens,
-                  read_slots, scale=None, out=None, max_tokens: int | None = None, **tuning) -> torch.Tensor:
+def verify_triton(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, states: Tensor,
+                  buffer: BufferPool, cu_seqlens: Tensor, buf_slots: Tensor, buf_lens: Tensor, read_slots: Tensor,
+                  scale: float | None = None, out: Tensor | None = None, max_tokens: int | None = None,
+                  **tuning) -> torch.Tensor:
     n_req = cu_seqlens.numel() - 1
     if max_tokens is None:
         max_tokens = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if n_req else 0

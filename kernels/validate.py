@@ -6,6 +6,8 @@ import torch
 
 from .pools import BufferPool
 
+Tensor = torch.Tensor
+
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -36,7 +38,8 @@ def check_settings(buffer_size: int, chunk_size: int, speculative_num_draft_toke
                          f"{speculative_num_draft_tokens}) must be <= buffer_size ({buffer_size})")
 
 
-def check_tokens(q, k, v, a, b, A_log, dt_bias) -> tuple[int, int, int, int, int]:
+def check_tokens(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor,
+                 dt_bias: Tensor) -> tuple[int, int, int, int, int]:
     """q, k `[N, H, K]`, v `[N, HV, V]`, a, b `[N, HV]`, A_log, dt_bias `[HV]`; returns N, H, HV, K, V."""
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ValueError(f"q must be a tensor [N, H, K], got {getattr(q, 'shape', type(q).__name__)}")

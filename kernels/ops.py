@@ -66,7 +66,7 @@ def _check_buffered(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log
 def buffered_decode(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor,
                     states: torch.Tensor, buffer: BufferPool, buf_slots: torch.Tensor, buf_lens: torch.Tensor,
                     read_slots: torch.Tensor, write_slots: torch.Tensor, scale: float | None = None,
-                    backend: Backend = 'auto', check_values: bool = True,
+                    backend: Backend = "auto", check_values: bool = True,
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """One new token for each of B requests, from checkpoint (read_slots) + buffer; the state is only read.
 
@@ -91,7 +91,7 @@ def buffered_decode(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log
 
 
 def recurrent_decode(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor,
-                     states: torch.Tensor, slots: torch.Tensor, scale: float | None = None, backend: Backend = 'auto',
+                     states: torch.Tensor, slots: torch.Tensor, scale: float | None = None, backend: Backend = "auto",
                      check_values: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
     """The baseline decode: one token per request, reading and writing its whole state every step."""
     B, _, HV, K, V = check_tokens(q, k, v, a, b, A_log, dt_bias)
@@ -106,7 +106,7 @@ def recurrent_decode(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_lo
 
 def verify(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, states: torch.Tensor,
            buffer: BufferPool, cu_seqlens: torch.Tensor, buf_slots: torch.Tensor, buf_lens: torch.Tensor,
-           read_slots: torch.Tensor, scale: float | None = None, backend: Backend = 'auto', check_values: bool = True,
+           read_slots: torch.Tensor, scale: float | None = None, backend: Backend = "auto", check_values: bool = True,
            out: torch.Tensor | None = None, max_tokens: int | None = None) -> torch.Tensor:
     """T_i tokens for each request at once (draft verification, or a short prompt into the buffer).
 
@@ -164,7 +164,7 @@ def fold(states: torch.Tensor, buffer: BufferPool, buf_slots: torch.Tensor, buf_
 
 def prefill(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, states: torch.Tensor,
             cu_seqlens: torch.Tensor, read_slots: torch.Tensor, write_slots: torch.Tensor, scale: float | None = None,
-            backend: Backend = 'auto', check_values: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+            backend: Backend = "auto", check_values: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
     """Long prompts straight into checkpoints (fla-core's chunked kernel on CUDA).
 
     Starts each request from states[read_slots] (zeros where -1) and writes its final state to

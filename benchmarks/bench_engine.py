@@ -25,6 +25,7 @@ from kvbuffer.service.engine.api import GenerateRequest, SamplingParams
 from kvbuffer.service.engine.config import EngineConfig
 from kvbuffer.service.engine.core import EngineCore, dtype_name
 from kvbuffer.service.engine.memory import buffer_bytes, state_bytes
+from kvbuffer.service.engine.scheduler import ScheduledSeq
 from kvbuffer.service.model import LoadedModel, ModelConfig, empty_model, tiny
 from kvbuffer.service.model.gdn import GatedDeltaNet
 from kvbuffer.service.model.tokenizer import ByteTokenizer
@@ -97,7 +98,7 @@ def add_requests(core: EngineCore, batch: int, prompt_len: int, new_tokens: int,
         core.add(req, core.validate(req))
 
 
-def engine_config(args, batch: int, prompt_len: int, **overrides) -> EngineConfig:
+def engine_config(args: argparse.Namespace, batch: int, prompt_len: int, **overrides) -> EngineConfig:
     return EngineConfig(device=args.device, dtype=args.dtype, buffer_size=args.buffer_size,
                         chunk_size=args.chunk_size, max_running_requests=batch,
                         max_num_batched_tokens=max(2048, batch * prompt_len),
@@ -114,7 +115,7 @@ def measure(core: EngineCore, loaded: LoadedModel, device: torch.device, warmup:
         core.step()
     forward, timer, run = 0.0, GdnTimer(loaded.model, device), core.runner.run
 
-    def timed_run(batch):
+    def timed_run(batch: list[ScheduledSeq]) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
         nonlocal forward
         sync(device)
         t0 = time.perf_counter()
@@ -137,7 +138,7 @@ def measure(core: EngineCore, loaded: LoadedModel, device: torch.device, warmup:
     return step, forward / steps, gdn, paths
 
 
-def decode_table(args, loaded: LoadedModel, device: torch.device) -> None:
+def decode_table(args: argparse.Namespace, loaded: LoadedModel, device: torch.device) -> None:
     """Steps timed once every request decodes. Buffered and recurrent: warm-up includes a flush (kernel
     variants compile on first use) and the timed steps, a multiple of chunk_size, include flushes at their
     real rate. Stateless: as many steps as keep the context under buffer_size."""
@@ -169,7 +170,7 @@ def decode_table(args, loaded: LoadedModel, device: torch.device) -> None:
                   f"{forward * 1e3:.2f} | {gdn * 1e3:.2f} | {gdn / forward:.0%} | {ratio} |", flush=True)
 
 
-def concurrency_table(args, cfg: ModelConfig, dtype: torch.dtype) -> None:
+def concurrency_table(args: argparse.Namespace, cfg: ModelConfig, dtype: torch.dtype) -> None:
     """Per request, KVBuffer holds its buffer always and a checkpoint once its context reaches buffer_size;
     drafts need no extra state. The recurrent baseline holds its state plus one state per draft token.
     Bytes come from the engine's own pool accounting (conv states, equal in both, left out)."""
@@ -192,7 +193,7 @@ def concurrency_table(args, cfg: ModelConfig, dtype: torch.dtype) -> None:
                       f"{n_rec} | {n_kv / max(n_rec, 1):.1f}x |")
 
 
-def state_memory_table(args, loaded: LoadedModel, device: torch.device) -> None:
+def state_memory_table(args: argparse.Namespace, loaded: LoadedModel, device: torch.device) -> None:
     """Measured: peak checkpoint slots held while requests run, times the bytes of one slot."""
     print("\n### 3. State memory held per request (measured on the engine)\n")
     print("| decode_mode | context (prompt + generated) | requests | peak checkpoint slots | "

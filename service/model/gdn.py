@@ -35,7 +35,7 @@ class GatedDeltaNet(nn.Module):
         self.states = torch.empty(0)  # [state slots, HV, V, K] fp32 checkpoints
         self.buffer: BufferPool | None = None
 
-    def split_projections(self, x: torch.Tensor):
+    def split_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """q, k `[N, H*K]`, v, z `[N, HV*V]`, b, a `[N, HV]` from the checkpoint's per-key-head grouped layout."""
         N, g = x.shape[0], self.HV // self.H
         qkvz = self.in_proj_qkvz(x).view(N, self.H, 2 * self.K + 2 * g * self.V)
@@ -78,7 +78,8 @@ class GatedDeltaNet(nn.Module):
         o = self.norm(o.reshape(-1, self.V), z.reshape(-1, self.V)).reshape(N, -1)
         return self.out_proj(o)
 
-    def core(self, q, k, v, a, b, gdn: GdnBatch) -> torch.Tensor:
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+             gdn: GdnBatch) -> torch.Tensor:
         """The recurrence through KVBuffer: folds first, then each call on its token range."""
         o = torch.empty_like(v)
         gate = (self.A_log, self.dt_bias)

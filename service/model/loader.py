@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -78,7 +78,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     """Loads a Hugging Face model directory's safetensors shards into `model` (tensors go to its device)."""
     path = Path(path)
 
-    def tensors():
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for file in _checkpoint_files(path):
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)

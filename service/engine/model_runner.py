@@ -83,7 +83,7 @@ class ModelRunner:
                 gdn.decode = DecodeCall(start, end, buf_slots, buf_lens, read,
                                         t([s.seq.state_slot if s.step.flush else -1 for s in seqs]))
             elif op == "verify":
-                gdn.verify = VerifyCall(start, end, cu, buf_slots, buf_lens, read)
+                gdn.verify = VerifyCall(start, end, cu, buf_slots, buf_lens, read, max(s.n for s in seqs))
             else:
                 gdn.prefill = PrefillCall(start, end, cu, read, t([s.seq.state_slot for s in seqs]))
         return gdn

@@ -54,6 +54,7 @@ class VerifyCall:
     buf_slots: torch.Tensor
     buf_lens: torch.Tensor
     read_slots: torch.Tensor
+    max_tokens: int  # known on the host: spares the kernel a read-back of cu_seqlens (a sync per layer)
 
 
 @dataclass

@@ -98,7 +98,7 @@ class GatedDeltaNet(nn.Module):
         if (w := gdn.verify) is not None:
             t = slice(w.start, w.end)
             o[t] = ops.verify(q[t], k[t], v[t], a[t], b[t], *gate, self.states, self.buffer, w.cu_seqlens,
-                              w.buf_slots, w.buf_lens, w.read_slots, check_values=check)
+                              w.buf_slots, w.buf_lens, w.read_slots, check_values=check, max_tokens=w.max_tokens)
         if (p := gdn.prefill) is not None:
             t = slice(p.start, p.end)
             o[t] = ops.prefill(q[t], k[t], v[t], a[t], b[t], *gate, self.states, p.cu_seqlens, p.read_slots,

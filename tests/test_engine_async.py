@@ -9,7 +9,13 @@ import random
 
 import pytest
 from kvbuffer.service.engine import EngineConfig, build_engine
-from kvbuffer.service.engine.api import GenerateRequest, InvalidRequestError, OverloadedError, SamplingParams
+from kvbuffer.service.engine.api import (
+    EngineFailedError,
+    GenerateRequest,
+    InvalidRequestError,
+    OverloadedError,
+    SamplingParams,
+)
 from qwen3_next_cases import fresh_seed, make_core, request, run_to_end
 
 SETTINGS = {"device": "cpu", "buffer_size": 16, "chunk_size": 8, "memory_budget_bytes": 2**22,
@@ -178,9 +184,13 @@ def test_generate_after_shutdown_is_refused():
 
 def test_a_failing_engine_thread_ends_every_request_with_error(monkeypatch):
     """The step fails and so does the recovery from it: the thread is gone, so its requests end with "error" at
-    once (not hang) and new ones are refused."""
+    once (not hang), new ones are refused with EngineFailedError, the engine is unhealthy and says so to its
+    failure callbacks (those registered before, and after, the failure)."""
     async def body(engine):
         core = engine._core
+        told = []
+        engine.on_failure(lambda: told.append("before"))
+        assert engine.healthy
 
         def broken(*_args):
             raise RuntimeError("injected failure")
@@ -190,9 +200,10 @@ def test_a_failing_engine_thread_ends_every_request_with_error(monkeypatch):
         monkeypatch.setattr(core, "abort_all", broken)
         results = await asyncio.gather(*(collect(engine, request(f"r{i}", [1, 2, 3], max_new_tokens=4))
                                          for i in range(3)))
-        with pytest.raises(OverloadedError):
+        with pytest.raises(EngineFailedError, match="engine failed"):
             await anext(engine.generate(request("late", [1, 2, 3], max_new_tokens=4)))
+        engine.on_failure(lambda: told.append("after"))
         monkeypatch.setattr(core, "abort_all", real_abort_all)  # shutdown frees what the core still holds
-        return [last.finish_reason for _, _, last in results]
+        return [last.finish_reason for _, _, last in results], engine.healthy, told
 
-    assert run(body) == ["error"] * 3
+    assert run(body) == (["error"] * 3, False, ["before", "after"])

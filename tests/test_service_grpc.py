@@ -12,7 +12,7 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from kvbuffer.service.engine.api import OverloadedError
+from kvbuffer.service.engine.api import EngineFailedError, OverloadedError
 from kvbuffer.service.server.admission import DrainingError
 from kvbuffer.service.server.servicer import status_of
 from kvbuffer.v1 import SERVICE_NAME
@@ -167,6 +167,7 @@ def test_errors_map_to_statuses_subclasses_included() -> None:
 
     assert status_of(QueueFull("full")) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert status_of(DrainingError("draining")) == grpc.StatusCode.UNAVAILABLE
+    assert status_of(EngineFailedError("failed")) == grpc.StatusCode.UNAVAILABLE
 
 
 def test_prompt_longer_than_the_context_is_refused_by_the_engine(server: RunningServer) -> None:

@@ -1,6 +1,6 @@
 """Capacity and shutdown: RESOURCE_EXHAUSTED beyond max_running_requests + max_waiting_requests (never an unbounded
 queue), and the drain: health NOT_SERVING, new requests UNAVAILABLE, in-flight ones finish or are cancelled at the
-end of the grace period, freeing the engine's memory."""
+end of the grace period, freeing the engine's memory. A failed engine: health NOT_SERVING, requests UNAVAILABLE."""
 
 from __future__ import annotations
 
@@ -90,6 +90,44 @@ def test_drain_cancels_what_outlives_the_grace_period() -> None:
     stats = server.server.engine.stats()
     assert (stats.running_requests, stats.state_slots_used, stats.buffer_slots_used) == (0, 0, 0)
     server.stop()
+
+
+def test_engine_failure_turns_health_not_serving_and_requests_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine thread dies (a step fails and so does the recovery from it): the replica must stop attracting
+    traffic, and say why to the requests that still reach it."""
+    server = RunningServer()
+    core = server.server.engine._core  # the native engine's, as in test_engine_async
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("injected failure")
+
+    real_abort_all = core.abort_all
+    try:
+        async def go() -> None:
+            async with server.client() as client:
+                assert [await client.health(""), await client.health()] == ["SERVING", "SERVING"]
+                monkeypatch.setattr(core.runner, "run", broken)
+                monkeypatch.setattr(core, "abort_all", broken)
+                in_flight = [response async for response in client.generate("doomed", max_new_tokens=4)]
+                assert in_flight[-1].finish_reason == pb.FINISH_REASON_ERROR
+                assert [await client.health(""), await client.health()] == ["NOT_SERVING", "NOT_SERVING"]
+                for call in (lambda: client.generate_unary("late", max_new_tokens=2),
+                             lambda: _drain(client.generate("late", max_new_tokens=2))):
+                    with pytest.raises(grpc.aio.AioRpcError) as error:
+                        await call()
+                    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+                    assert "engine failed" in error.value.details()
+
+        asyncio.run(go())
+        assert not server.server.engine.healthy
+    finally:
+        monkeypatch.setattr(core, "abort_all", real_abort_all)  # the drain frees what the core still holds
+        server.stop()
+
+
+async def _drain(call: grpc.aio.UnaryStreamCall) -> None:
+    async for _response in call:
+        pass
 
 
 @pytest.mark.parametrize("setting", ["port", "metrics_port"])

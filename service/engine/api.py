@@ -5,7 +5,7 @@ Every engine (the native one, later SGLang) implements `Engine`; the gRPC layer 
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -24,6 +24,10 @@ class InvalidRequestError(ValueError):
 
 class OverloadedError(RuntimeError):
     """The engine is at capacity (waiting queue full, memory budget exhausted); the caller should retry later."""
+
+
+class EngineFailedError(RuntimeError):
+    """The engine has failed and serves no more requests; unlike OverloadedError, retrying here will not help."""
 
 
 @dataclass(frozen=True)
@@ -111,8 +115,9 @@ class Engine(Protocol):
     """The engine interface. `generate` yields chunks until one carries a finish_reason.
 
     Raises InvalidRequestError before allocating anything for a bad request, OverloadedError when it
-    cannot admit it (or is shut down). Closing the generator early (`aclose()`, client cancel) cancels the
-    request and frees its memory. `stats()` is cheap and may be called from any thread.
+    cannot admit it (or is shut down), EngineFailedError once it has failed. Closing the generator early
+    (`aclose()`, client cancel) cancels the request and frees its memory. `stats()` and `healthy` are cheap
+    and may be read from any thread.
     """
 
     def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateChunk, None]: ...
@@ -120,6 +125,16 @@ class Engine(Protocol):
     async def cancel(self, request_id: str) -> None: ...
 
     def stats(self) -> EngineStats: ...
+
+    @property
+    def healthy(self) -> bool:
+        """False once the engine has failed (for good); a shut-down engine has not failed."""
+        ...
+
+    def on_failure(self, callback: Callable[[], None]) -> None:
+        """Calls callback once when the engine fails, from whatever thread detects it, so that the service
+        can report it at once (health checks) instead of polling; at once if it has already failed."""
+        ...
 
     def model_info(self) -> ModelInfo: ...
 

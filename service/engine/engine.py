@@ -4,7 +4,9 @@ Requests reach the loop through an inbox (no lock is taken on the event loop for
 to each request's asyncio queue via `call_soon_threadsafe`. Cancelling (closing the iterator, or `cancel`)
 takes the step lock, so when it returns the request's slots, buffer and KV blocks are already free. Under the
 same lock, after each step or cancel, the engine publishes an `EngineStats` snapshot that `stats()` returns
-to any thread (the metrics endpoint's included) without taking a lock.
+to any thread (the metrics endpoint's included) without taking a lock. If the engine thread itself fails, the
+engine turns unhealthy for good: open requests end with "error", new ones get EngineFailedError, and the
+`on_failure` callbacks run.
 """
 
 from __future__ import annotations
@@ -14,10 +16,18 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import asdict, dataclass
 
-from .api import EngineStats, GenerateChunk, GenerateRequest, InvalidRequestError, ModelInfo, OverloadedError
+from .api import (
+    EngineFailedError,
+    EngineStats,
+    GenerateChunk,
+    GenerateRequest,
+    InvalidRequestError,
+    ModelInfo,
+    OverloadedError,
+)
 from .config import EngineConfig
 from .core import EngineCore, dtype_name
 
@@ -41,12 +51,14 @@ class NativeEngine:
         self._ids = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False  # set by shutdown, or when the engine thread fails (guarded by _ids)
+        self._failed = False  # set when the engine thread fails, never cleared (guarded by _ids)
+        self._failure_callbacks: list[Callable[[], None]] = []  # (guarded by _ids)
         self._stats = self._core.stats()  # the latest snapshot, replaced under _lock
 
     # Engine interface
     def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateChunk, None]:
-        """Validates now (InvalidRequestError); the request is queued when iteration starts (OverloadedError
-        then). Closing the generator before the last chunk cancels the request."""
+        """Validates now (InvalidRequestError); the request is queued when iteration starts (OverloadedError or
+        EngineFailedError then). Closing the generator before the last chunk cancels the request."""
         prompt_ids = self._core.validate(request)
         return self._generate(request, prompt_ids)
 
@@ -55,6 +67,9 @@ class NativeEngine:
         rid = request.request_id
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._ids:
+            if self._failed:
+                raise EngineFailedError("the engine failed (its step thread stopped) and serves no more requests; "
+                                        "retry on another replica")
             if self._stopping:
                 raise OverloadedError("engine is shut down")
             if rid in self._streams:
@@ -81,6 +96,18 @@ class NativeEngine:
 
     def stats(self) -> EngineStats:
         return self._stats
+
+    @property
+    def healthy(self) -> bool:
+        return not self._failed
+
+    def on_failure(self, callback: Callable[[], None]) -> None:
+        with self._ids:
+            failed = self._failed
+            if not failed:
+                self._failure_callbacks.append(callback)
+        if failed:
+            callback()
 
     def model_info(self) -> ModelInfo:
         return self._core.model_info()
@@ -169,10 +196,17 @@ class NativeEngine:
                 _put(stream, chunk)
 
     def _fail_all(self) -> None:
-        """The engine thread is gone: every open stream ends with finish_reason "error", new requests are refused."""
+        """The engine thread is gone: new requests are refused, the `on_failure` callbacks run (first, so that
+        health has turned by the time a client sees its request fail), and every open stream ends with "error"."""
         with self._ids:
-            self._stopping = True
+            self._stopping = self._failed = True
             streams, self._streams = self._streams, {}
+            callbacks, self._failure_callbacks = self._failure_callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # one broken observer must not keep the failure from the others, or the streams
+                log.exception("engine failure callback failed")
         for stream in streams.values():
             _put(stream, GenerateChunk([], "", finish_reason="error"))
 

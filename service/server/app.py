@@ -5,6 +5,7 @@ optional TLS and bearer-token auth, the Prometheus endpoint, and the graceful dr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import signal
@@ -85,6 +86,7 @@ class Server:
         self.health = health_aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None  # made in start(): it binds to the running event loop
         self._drain_task: asyncio.Task[None] | None = None
+        self._engine_failed_task: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
         self.port = 0
         self.metrics_port = 0
@@ -118,10 +120,33 @@ class Server:
         except OSError as exc:
             raise StartupError(f"metrics_port: cannot serve metrics on {settings.host}:{settings.metrics_port}: "
                                f"{exc.strerror}") from None
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._watch_engine()
         log.info("serving %s on %s:%d (%s), metrics on http://%s:%d/metrics", SERVICE_NAME, settings.host,
                  self.port, "TLS" if settings.tls.enabled else "plaintext", settings.host, self.metrics_port)
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    def _watch_engine(self) -> None:
+        """Has the engine report its failure onto this event loop (the engine thread must not touch health
+        itself), so that health turns NOT_SERVING at once rather than at the next poll."""
+        loop = asyncio.get_running_loop()
+
+        def notify() -> None:
+            with contextlib.suppress(RuntimeError):  # the event loop has closed: the server is gone
+                loop.call_soon_threadsafe(self._engine_failed)
+
+        self.engine.on_failure(notify)
+
+    def _engine_failed(self) -> None:
+        """Health NOT_SERVING for good, so that Kubernetes and load balancers stop routing to this replica,
+        whose requests are all refused UNAVAILABLE now."""
+        log.error("the engine failed: health NOT_SERVING, requests refused UNAVAILABLE; restart this replica")
+        if self._engine_failed_task is None:
+            self._engine_failed_task = asyncio.ensure_future(
+                self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
 
     def _bind(self, server: grpc.aio.Server, address: str) -> int:
         tls = self.settings.tls

@@ -17,6 +17,7 @@ import grpc
 from google.protobuf.message import Message
 from kvbuffer.service.engine.api import (
     Engine,
+    EngineFailedError,
     GenerateChunk,
     GenerateRequest,
     InvalidRequestError,
@@ -36,6 +37,7 @@ _STATUS_OF_ERROR: dict[type[Exception], grpc.StatusCode] = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DrainingError: grpc.StatusCode.UNAVAILABLE,
+    EngineFailedError: grpc.StatusCode.UNAVAILABLE,  # this replica is dead: the client should go elsewhere
 }
 # GenerateRequest fields whose engine name differs from the proto's (the rest, `sampling.top_p`, are the same).
 _PROTO_FIELDS = {"prompt": "text", "prompt_token_ids": "token_ids.ids"}

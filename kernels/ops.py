@@ -126,6 +126,8 @@ def verify(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor,
         if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != N or (n_req and int(counts.min()) < 0):
             raise ValueError(f"cu_seqlens must rise from 0 to the number of tokens ({N})")
         check_room(buf_lens, counts, buffer.capacity)
+        if max_tokens is not None and n_req and int(counts.max()) > max_tokens:
+            raise ValueError(f"max_tokens ({max_tokens}) is less than a request's token count ({int(counts.max())})")
     if _use_triton(backend, q.device):
         from .step import verify_triton
         return verify_triton(q, k, v, a, b, A_log, dt_bias, states, buffer, cu_seqlens, buf_slots, buf_lens,

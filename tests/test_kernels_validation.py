@@ -55,6 +55,8 @@ def test_verify_rejects_overflow_and_bad_offsets() -> None:
         verify(**{**args, "buf_lens": torch.tensor([1, 8])}, cu_seqlens=torch.tensor([0, 0, 2]), backend="triton")
     with pytest.raises(ValueError, match="cu_seqlens must rise from 0"):
         verify(**args, cu_seqlens=torch.tensor([0, 1, 3]), backend="triton")
+    with pytest.raises(ValueError, match="max_tokens \\(1\\) is less than a request's token count \\(2\\)"):
+        verify(**args, cu_seqlens=torch.tensor([0, 0, 2]), max_tokens=1, backend="triton")
 
 
 def test_fold_rejects_missing_write_slot() -> None:

@@ -12,6 +12,8 @@ registers live:
    token by token streams the buffered corrected values against those weights:
        d_t = beta_t (v_t - e^{G_t} S0^T k_t - sum_j w_k[t, j] d_j),   o_t = e^{G_t} S0^T q_t + sum_j w_q[t, j] d_j
    (j over the buffer and the earlier new tokens, including t itself for o_t). A flush writes the folded tile.
+Decode batches of at most INLINE_SCORES_MAX_REQUESTS requests skip the scores launch: each apply program weighs
+the buffer itself (redundant across value tiles, but one launch instead of two where launch latency dominates).
 The recurrent baseline is the second kernel alone with gating inline, flushing every step, no buffer.
 """
 
@@ -28,6 +30,8 @@ Tensor = torch.Tensor
 
 MAX_TOKENS_PER_ROUND = 16
 DECODE_SCORES_WARPS, SCORES_WARPS = 2, 4  # the fastest measured on an H100 (docs/BENCHMARKS.md)
+# decode batches this small weigh the buffer inside the apply launch: one launch instead of two (not yet timed)
+INLINE_SCORES_MAX_REQUESTS = 8
 WEIGHT_KINDS = tl.constexpr(3)  # e^{G_t-G_j}/|k_j| (folds raw keys), k-score, q-score
 COEFS = tl.constexpr(4)  # e^{G_t}, beta_t, q_t . k_t, spare
 
@@ -147,11 +151,11 @@ def _decode_scores_kernel(
 @triton.jit
 def _apply_kernel(
     q, k, v, a, b, A_log, dt_bias, out,
-    states, buf_keys, buf_values, cu_seqlens, buf_slots, buf_lens, read_slots, write_slots, weights, coefs,
-    offset, scale,
+    states, buf_keys, buf_values, buf_decay, cu_seqlens, buf_slots, buf_lens, read_slots, write_slots, weights,
+    coefs, offset, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, BT: tl.constexpr, KC: tl.constexpr,
-    ONE_TOKEN: tl.constexpr, HAS_BUFFER: tl.constexpr, FLUSH: tl.constexpr,
+    ONE_TOKEN: tl.constexpr, HAS_BUFFER: tl.constexpr, FLUSH: tl.constexpr, INLINE_SCORES: tl.constexpr,
 ):
     i_v, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hk = i_h // (HV // H)
@@ -177,20 +181,45 @@ def _apply_kernel(
                             NORM_EPS)
             vv = tl.load(v + (tk * HV + i_h) * V + offs_v, mask=mask_v, other=0.0).to(tl.float32)
             if HAS_BUFFER:
-                coef_base = coefs + (tk * HV + i_h) * COEFS
-                eG, beta, qk = tl.load(coef_base), tl.load(coef_base + 1), tl.load(coef_base + 2)
-                qn = l2norm_vec(tl.load(q + (tk * H + i_hk) * K + offs_k, mask=mask_k, other=0.0).to(tl.float32),
-                                NORM_EPS) * scale
                 w_base = weights + (tk * HV + i_h) * WEIGHT_KINDS * L
                 acc_k = tl.zeros([BL, BV], dtype=tl.float32)
                 acc_q = tl.zeros([BL, BV], dtype=tl.float32)
-                for start in range(0, n + t, BL):
-                    offs_l = start + tl.arange(0, BL)
-                    mask_l = offs_l < n + t
-                    Db = tl.load(values_base + offs_l[:, None] * V + offs_v[None, :],
-                                 mask=mask_l[:, None] & mask_v[None, :], other=0.0)
-                    acc_k += tl.load(w_base + L + offs_l, mask=mask_l, other=0.0)[:, None] * Db
-                    acc_q += tl.load(w_base + 2 * L + offs_l, mask=mask_l, other=0.0)[:, None] * Db
+                if INLINE_SCORES:  # one token, few requests: this program weighs the entries itself, one launch
+                    k_raw, qn, kn, g, beta = _token(q, k, a, b, A_log, dt_bias, scale, tk, i_h, i_hk, offs_k, mask_k,
+                                                    H, HV, K)
+                    decay_base = buf_decay + (slot * HV + i_h) * L
+                    keys_base = buf_keys + (slot * H + i_hk) * L * K
+                    G = tl.load(decay_base + n - 1, mask=n > 0, other=0.0) + g.to(tl.float64)
+                    eG, qk = tl.exp(G).to(tl.float32), tl.sum(qn * kn)
+                    for start in range(0, n, BL):
+                        offs_l = start + tl.arange(0, BL)
+                        mask_l = offs_l < n
+                        Kb = tl.load(keys_base + offs_l[:, None] * K + offs_k[None, :],
+                                     mask=mask_l[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+                        W = tl.exp((G - tl.load(decay_base + offs_l, mask=mask_l, other=0.0)).to(tl.float32))
+                        W = tl.where(mask_l, W * tl.rsqrt(tl.sum(Kb * Kb, axis=1) + NORM_EPS), 0.0)
+                        if FLUSH:  # every value tile writes the same weights; fold_into reads its own back
+                            tl.store(w_base + offs_l, W, mask=mask_l)
+                        Db = tl.load(values_base + offs_l[:, None] * V + offs_v[None, :],
+                                     mask=mask_l[:, None] & mask_v[None, :], other=0.0)
+                        acc_k += (W * tl.sum(Kb * kn[None, :], axis=1))[:, None] * Db
+                        acc_q += (W * tl.sum(Kb * qn[None, :], axis=1))[:, None] * Db
+                    if i_v == 0:
+                        tl.store(decay_base + n, G)
+                        if i_h % (HV // H) == 0:
+                            tl.store(keys_base + n * K + offs_k, k_raw, mask=mask_k)
+                else:
+                    coef_base = coefs + (tk * HV + i_h) * COEFS
+                    eG, beta, qk = tl.load(coef_base), tl.load(coef_base + 1), tl.load(coef_base + 2)
+                    qn = l2norm_vec(tl.load(q + (tk * H + i_hk) * K + offs_k, mask=mask_k, other=0.0).to(tl.float32),
+                                    NORM_EPS) * scale
+                    for start in range(0, n + t, BL):
+                        offs_l = start + tl.arange(0, BL)
+                        mask_l = offs_l < n + t
+                        Db = tl.load(values_base + offs_l[:, None] * V + offs_v[None, :],
+                                     mask=mask_l[:, None] & mask_v[None, :], other=0.0)
+                        acc_k += tl.load(w_base + L + offs_l, mask=mask_l, other=0.0)[:, None] * Db
+                        acc_q += tl.load(w_base + 2 * L + offs_l, mask=mask_l, other=0.0)[:, None] * Db
                 mix_k, mix_q = tl.sum(acc_k, axis=0), tl.sum(acc_q, axis=0)
             else:
                 _, qn, kn, g, beta = _token(q, k, a, b, A_log, dt_bias, scale, tk, i_h, i_hk, offs_k, mask_k, H, HV, K)
@@ -248,6 +277,7 @@ def _launch(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor
     BT = block(min(max_tokens, MAX_TOKENS_PER_ROUND))
     cu = cu_seqlens if cu_seqlens is not None else buf_slots  # unused when one token per request
     flush = write_slots is not None
+    inline = one_token and buffer is not None and n_req <= INLINE_SCORES_MAX_REQUESTS
     writes = write_slots if flush else read_slots
     common = dict(H=H, HV=HV, K=K, L=1, BK=BK, BL=block_l, BT=BT)
     if buffer is None:
@@ -260,18 +290,18 @@ def _launch(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor
         coefs = torch.empty(N, HV, COEFS.value, dtype=torch.float32, device=q.device)
     precision = "tf32x3" if k.dtype == torch.float32 else "tf32"  # 16-bit keys: tensor-core products are exact
     for offset in range(0, max_tokens, BT):
-        if buffer is not None and one_token:
+        if buffer is not None and one_token and not inline:
             _decode_scores_kernel[(n_req, HV)](q, k, a, b, A_log, dt_bias, keys, decay, buf_slots, buf_lens, weights,
                                                coefs, scale, H=H, HV=HV, K=K, L=buffer.capacity, BK=BK, BL=block_l,
                                                num_warps=DECODE_SCORES_WARPS)
-        elif buffer is not None:
+        elif buffer is not None and not one_token:
             _scores_kernel[(n_req, HV)](q, k, a, b, A_log, dt_bias, keys, decay, cu, buf_slots, buf_lens,
                                         weights, coefs, offset, scale, PRECISION=precision, num_warps=SCORES_WARPS,
                                         **common)
         _apply_kernel[(triton.cdiv(V, BV), n_req, HV)](
-            q, k, v, a, b, A_log, dt_bias, out, states, keys, values, cu, buf_slots, buf_lens, read_slots, writes,
-            weights, coefs, offset, scale, V=V, BV=BV, KC=min(BK, 32), ONE_TOKEN=one_token,
-            HAS_BUFFER=buffer is not None, FLUSH=flush, num_warps=num_warps, **common)
+            q, k, v, a, b, A_log, dt_bias, out, states, keys, values, decay, cu, buf_slots, buf_lens, read_slots,
+            writes, weights, coefs, offset, scale, V=V, BV=BV, KC=min(BK, 32), ONE_TOKEN=one_token,
+            HAS_BUFFER=buffer is not None, FLUSH=flush, INLINE_SCORES=inline, num_warps=num_warps, **common)
     return out
 
 

@@ -9,10 +9,27 @@ from __future__ import annotations
 import pytest
 import torch
 from gdn_cases import Shapes, as_fp64, fresh_generator, layer_params, random_pools, relative_error, tokens
-from kvbuffer.kernels import BufferPool, buffered_decode, fold, new_state_pool, recurrent_decode, reference, verify
+from kvbuffer.kernels import (
+    BufferPool,
+    buffered_decode,
+    fold,
+    new_state_pool,
+    recurrent_decode,
+    reference,
+    step,
+    verify,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 2e-5  # fp32 kernels against fp64
+
+
+@pytest.fixture(params=["one launch", "two launches"])
+def decode_launches(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Small decode batches weigh the buffer inside the apply launch; larger ones use a scores launch first."""
+    if request.param == "two launches":
+        monkeypatch.setattr(step, "INLINE_SCORES_MAX_REQUESTS", 0)
+    return request.param
 
 
 def ints(values: list[int]) -> torch.Tensor:
@@ -26,7 +43,7 @@ def poison_entries(buffer: BufferPool, slots: list[int], starts: list[int], coun
 
 
 @pytest.mark.parametrize("shapes", [Shapes(), Shapes(H=1, HV=2, K=32, V=64)])
-def test_buffered_decode_mixed_batch_matches_fp64(shapes: Shapes) -> None:
+def test_buffered_decode_mixed_batch_matches_fp64(shapes: Shapes, decode_launches: str) -> None:
     gen, seed = fresh_generator()
     layer = layer_params(gen, shapes, DEVICE)
     states, buffer = random_pools(gen, shapes, state_slots=8, buffer_slots=6, capacity=24, device=DEVICE)
@@ -137,7 +154,7 @@ def test_commit_every_accepted_length_then_decode_matches_recurrence(with_checkp
         assert relative_error(out[0], expected[-1]) < TOL, f"seed {seed}, accepted {accepted}"
 
 
-def test_long_decode_with_flushes_matches_recurrence() -> None:
+def test_long_decode_with_flushes_matches_recurrence(decode_launches: str) -> None:
     """300 steps for two requests: one from a checkpoint, one stateless until its buffer fills, then folded
     into a fresh slot; flushes every chunk_size steps. Outputs, and the states after a final fold of what
     is left in the buffers, follow the recurrence."""

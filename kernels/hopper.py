@@ -62,33 +62,33 @@ def resources(cubin: bytes) -> Resources:
 def step_builds(H: int = 16, HV: int = 32, K: int = 128, V: int = 128, capacity: int = 40, tokens: int = 4,
                 key_type: str = "bf16") -> list[Build]:
     """The configurations `kvbuffer.kernels.step` launches, at the given shapes, with its default tuning."""
-    tuning = inspect.signature(step._launch).parameters
-    block_v, block_l = tuning["block_v"].default, tuning["block_l"].default
-    warps = tuning["num_warps"].default
+    decode_tuning = inspect.signature(step._decode).parameters
+    block_v, block_l = decode_tuning["block_v"].default, decode_tuning["block_l"].default
     BK, BV, BT = step.block(K), min(step.block(V), block_v), step.block(min(tokens, step.MAX_TOKENS_PER_ROUND))
     inputs = dict.fromkeys(("q", "k", "v", "a", "b", "out", "buf_keys"), "*" + key_type)
-    floats = dict.fromkeys(("A_log", "dt_bias", "states", "buf_values", "weights", "coefs"), "*fp32")
+    floats = dict.fromkeys(("A_log", "dt_bias", "states", "buf_values", "weights", "solve", "coefs"), "*fp32")
     ints = dict.fromkeys(("cu_seqlens", "buf_slots", "buf_lens", "read_slots", "write_slots"), "*i32")
     types = {**inputs, **floats, **ints, "buf_decay": "*fp64", "offset": "i32", "scale": "fp32"}
     shape = dict(H=H, HV=HV, K=K, BK=BK)
-    apply = dict(shape, V=V, L=capacity, BV=BV, BL=block_l, BT=16, KC=min(BK, 32))
+    decode = dict(shape, V=V, L=capacity, BV=BV, BL=block_l, KC=min(BK, 32))
     fold_shape = dict(H=H, HV=HV, K=K, V=V, L=capacity, BK=BK, BV=BV, KC=min(BK, 32))
     fold_types = {"states": "*fp32", "buf_keys": "*" + key_type, "buf_values": "*fp32", "weights": "*fp32",
                   "decays": "*fp32", **ints}
+    decode_warps = decode_tuning["num_warps"].default
+    block_warps = inspect.signature(step._blocks).parameters["num_warps"].default
     return [
         Build("decode scores", step._decode_scores_kernel, types, dict(shape, L=capacity, BL=block_l),
               step.DECODE_SCORES_WARPS),
-        Build("decode apply (buffered, flush)", step._apply_kernel, types,
-              dict(apply, ONE_TOKEN=True, HAS_BUFFER=True, FLUSH=True, INLINE_SCORES=False), warps),
-        Build("decode apply (one launch, flush)", step._apply_kernel, types,
-              dict(apply, ONE_TOKEN=True, HAS_BUFFER=True, FLUSH=True, INLINE_SCORES=True), warps),
-        Build("decode apply (recurrent)", step._apply_kernel, types,
-              dict(apply, L=1, ONE_TOKEN=True, HAS_BUFFER=False, FLUSH=True, INLINE_SCORES=False), warps),
+        Build("decode apply (buffered, flush)", step._decode_apply_kernel, types,
+              dict(decode, HAS_BUFFER=True, INLINE_SCORES=False), decode_warps),
+        Build("decode apply (one launch, flush)", step._decode_apply_kernel, types,
+              dict(decode, HAS_BUFFER=True, INLINE_SCORES=True), decode_warps),
+        Build("decode apply (recurrent)", step._decode_apply_kernel, types,
+              dict(decode, L=1, HAS_BUFFER=False, INLINE_SCORES=False), decode_warps),
         Build(f"verify scores (T={tokens})", step._scores_kernel, types,
-              dict(shape, L=capacity, BL=block_l, BT=BT, PRECISION="tf32"),
-              step.SCORES_WARPS),
-        Build(f"verify apply (T={tokens})", step._apply_kernel, types,
-              dict(apply, BT=BT, ONE_TOKEN=False, HAS_BUFFER=True, FLUSH=False, INLINE_SCORES=False), warps),
+              dict(shape, L=capacity, BL=block_l, BT=BT, PRECISION="tf32"), step.SCORES_WARPS),
+        Build(f"verify apply (T={tokens})", step._block_apply_kernel, types,
+              dict(shape, V=V, L=capacity, BV=BV, BL=block_l, BT=BT, EXACT_INPUTS=key_type != "fp32"), block_warps),
         Build("fold", _fold_kernel, fold_types, fold_shape, 4),
     ]
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from gdn_cases import Shapes, as_fp64, fresh_generator, layer_params, random_pools, relative_error, tokens
 from kvbuffer.kernels import (
     BufferPool,
@@ -186,3 +188,23 @@ def test_long_decode_with_flushes_matches_recurrence(decode_launches: str) -> No
                                                start.double() if r == 0 else None)
         assert relative_error(out[:, r], expected) < TOL, f"seed {seed}, request {r}"
         assert relative_error(states[r], final) < TOL, f"seed {seed}, request {r}"
+
+
+@triton.jit
+def _split_kernel(x, hi, lo, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    h, low = step._split_tf32(tl.load(x + offs))
+    tl.store(hi + offs, h)
+    tl.store(lo + offs, low)
+
+
+def test_tf32_split_is_exact_and_tf32_representable() -> None:
+    """The block kernel's fp32-accurate tensor-core products rest on x = hi + lo with hi exact in tf32 (10
+    mantissa bits) and lo a small remainder; the interpreter's fp32 products cannot see a wrong split."""
+    gen, seed = fresh_generator()
+    x = (torch.randn(256, generator=gen) * torch.logspace(-6, 6, 256)).to(DEVICE)
+    hi, lo = torch.empty_like(x), torch.empty_like(x)
+    _split_kernel[(1,)](x, hi, lo, N=256)
+    assert torch.equal(hi + lo, x), f"seed {seed}"
+    assert not (hi.view(torch.int32) & 0x1FFF).any(), f"seed {seed}: hi keeps bits tf32 drops"
+    assert (lo.abs() <= x.abs() * 2.0**-10).all(), f"seed {seed}: hi is not the truncated x"

@@ -28,6 +28,7 @@ measured time, against a device-to-device copy measured at start.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -37,7 +38,7 @@ import statistics
 import sys
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -90,6 +91,7 @@ class Plan:
     steps: int
     replays: int
     trials: int
+    launches: tuple[str, ...] = ("auto",)  # ours buffered: scores launch policy (auto, one, two)
 
 
 PRESETS: dict[str, Plan] = {
@@ -469,7 +471,8 @@ class Buffered:
 def make_buffered(env: Env, bt: Batch, chunk: int, capacity: int) -> Buffered:
     d = env.dims
     pool, slots = make_pool(env, bt.S0)
-    buffer = env.buffer_pool.allocate(bt.B, capacity, d.H, d.HV, d.K, d.V, device=env.device)
+    buffer = env.buffer_pool.allocate(bt.B, capacity, d.H, d.HV, d.K, d.V, key_dtype=env.act_dtype,
+                                      device=env.device)
     fill_buffer(env, buffer)
     buf_slots = permutation(env, bt.B)
     lens0 = staggered(bt.B, chunk, env.device)
@@ -478,7 +481,20 @@ def make_buffered(env: Env, bt: Batch, chunk: int, capacity: int) -> Buffered:
                     start=start)
 
 
-def case_ours_buffered(env: Env, bt: Batch, chunk: int) -> Case:
+@contextlib.contextmanager
+def decode_launches(policy: str) -> Iterator[None]:
+    """`one`: every batch weighs its buffer inside the apply launch; `two`: always a scores launch first;
+    `auto`: the kernels' own threshold (step.INLINE_SCORES_MAX_REQUESTS)."""
+    from kvbuffer.kernels import step
+    default = step.INLINE_SCORES_MAX_REQUESTS
+    step.INLINE_SCORES_MAX_REQUESTS = {"one": sys.maxsize, "two": 0}.get(policy, default)
+    try:
+        yield
+    finally:
+        step.INLINE_SCORES_MAX_REQUESTS = default
+
+
+def case_ours_buffered(env: Env, bt: Batch, chunk: int, launches: str = "auto") -> Case:
     """ops.buffered_decode, flush fused; bookkeeping: write_slots = where(buf_lens + 1 == chunk, read, -1) before,
     buf_lens = where(flushed, 0, buf_lens + 1) after (written as (buf_lens + 1) % chunk)."""
     d, p, tok = env.dims, env.params, bt.tok
@@ -497,8 +513,10 @@ def case_ours_buffered(env: Env, bt: Batch, chunk: int) -> Case:
 
     def step(s: int) -> torch.Tensor:
         before()
-        o = env.ops.buffered_decode(*tok.split(s), p.A_log, p.dt_bias, st.pool, st.buffer, st.buf_slots, st.buf_lens,
-                                    st.slots, write_slots, scale=p.scale, backend=env.backend, check_values=False)
+        with decode_launches(launches):
+            o = env.ops.buffered_decode(*tok.split(s), p.A_log, p.dt_bias, st.pool, st.buffer, st.buf_slots,
+                                        st.buf_lens, st.slots, write_slots, scale=p.scale, backend=env.backend,
+                                        check_values=False)
         after()
         return o
 
@@ -731,7 +749,8 @@ def decode_cases(env: Env, bt: Batch) -> list[tuple[str, str, bool, Callable[[],
     if env.fla is not None:
         cases.append(("fla recurrent", "", False, partial(case_fla, env, bt)))
     cases.append(("ours recurrent", "", env.sgl is None, partial(case_ours_recurrent, env, bt)))
-    cases += [("ours buffered", f"C={C}", False, partial(case_ours_buffered, env, bt, C)) for C in plan.chunks]
+    cases += [("ours buffered", f"C={C}" + ("" if launches == "auto" else f" {launches} launch"), False,
+               partial(case_ours_buffered, env, bt, C, launches)) for C in plan.chunks for launches in plan.launches]
     return cases
 
 
@@ -834,6 +853,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--verify-batches", type=int, nargs="+", help="verify batch sizes")
     ap.add_argument("--drafts", type=int, nargs="+", help="draft tokens per request in verify")
     ap.add_argument("--verify-chunk", type=int, help="chunk size of ours verify (buffer lengths staggered below it)")
+    ap.add_argument("--launches", nargs="+", choices=["auto", "one", "two"],
+                    help="ours buffered: scores inside the apply launch (one), a scores launch first (two), or the "
+                         "kernels' batch-size threshold (auto, the default); several give one row each")
     ap.add_argument("--steps", type=int, help="consecutive steps per CUDA graph")
     ap.add_argument("--replays", type=int, help="graph replays per trial")
     ap.add_argument("--trials", type=int, help="trials (median reported)")

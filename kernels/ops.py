@@ -56,6 +56,9 @@ def _check_buffered(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log
     dev = q.device
     check_states(states, HV, K, V, dev)
     check_buffer(buffer, H, HV, K, V, dev)
+    if not q.dtype == k.dtype == buffer.keys.dtype:  # the buffer keeps raw keys; key products need one dtype
+        raise ValueError(f"k has dtype {k.dtype}, q {q.dtype} and buffer.keys {buffer.keys.dtype}: they must match "
+                         "(allocate the BufferPool with key_dtype=k.dtype)")
     check_slots("buf_slots", buf_slots, n_req, dev, buffer.num_slots if check_values else None)
     check_slots("buf_lens", buf_lens, n_req, dev, None)
     check_slots("read_slots", read_slots, n_req, dev, states.shape[0] if check_values else None, allow_none=True)

@@ -32,10 +32,11 @@ BAD_DECODE = [
     ("write_slots range", lambda d: torch.tensor([-1, 4]), "write_slots has values"),
     ("buf_lens overflow", lambda d: torch.tensor([8, 0]), "buf_lens: appending would hold 9"),
     ("device", lambda d: d["q"].to("meta"), "on meta"),
+    ("key dtype", lambda d: d["k"].to(torch.bfloat16), "k has dtype torch.bfloat16, q torch.float32"),
 ]
 TARGET = {"v heads": "v", "states dtype": "states", "states layout": "states", "buf_slots range": "buf_slots",
           "buf_slots dtype": "buf_slots", "read_slots range": "read_slots", "write_slots range": "write_slots",
-          "buf_lens overflow": "buf_lens", "device": "k"}
+          "buf_lens overflow": "buf_lens", "device": "k", "key dtype": "k"}
 
 
 @pytest.mark.parametrize("case,make,message", BAD_DECODE, ids=[c[0] for c in BAD_DECODE])

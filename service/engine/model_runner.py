@@ -102,13 +102,15 @@ class ModelRunner:
             kv_rows += self._kv_rows(seq.block_table, range(nc, nc + s.n))
         self._gdn = self._gdn_batch(batch, starts)
         fb = ForwardBatch(self._tensor(positions), self._tensor(kv_rows), self._attention(batch, starts), self._gdn)
-        hidden = self.model(self._tensor(ids), fb)
         rows, spans = [], []
         for s, start in zip(batch, starts, strict=True):
             take = s.n if s.drafts else int(s.samples)
             spans.append((len(rows), take))
             rows += range(start + s.n - take, start + s.n)
-        return (self.model.logits(hidden[self._tensor(rows)]) if rows else None), spans
+        # copied before the forward is queued: a host-to-device copy waits for the stream to drain
+        take_rows = self._tensor(rows) if rows else None
+        hidden = self.model(self._tensor(ids), fb)
+        return (self.model.logits(hidden[take_rows]) if take_rows is not None else None), spans
 
     @torch.inference_mode()
     def rollback(self, batch: list[ScheduledSeq], accepted: list[int]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +22,26 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+@functools.cache
+def _sm_major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
+def _grouped_mm_fits(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether `F.grouped_mm` takes these operands with no host sync.
+
+    On CUDA only bf16 on SM90/SM100 with under 1024 experts reaches torch's CUTLASS kernel (elsewhere torch
+    loops over the groups after copying the offsets to the host); the CPU kernel takes fp32/bf16/fp16. Both need
+    contiguous weights with 16-byte-aligned pointers and rows, and at least one row.
+    """
+    if x.device.type == "cuda":
+        dtype_ok = x.dtype == torch.bfloat16 and _sm_major(x.device) in (9, 10) and weights[0].shape[0] < 1024
+    else:
+        dtype_ok = x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return dtype_ok and x.shape[0] > 0 and all(
+        w.is_contiguous() and w.shape[-1] * w.element_size() % 16 == 0 and w.data_ptr() % 16 == 0 for w in weights)
+
+
 class Experts(nn.Module):
     """All experts' weights as 3-D tensors (transformers' layout): gate_up `[E, 2I, H]`, down `[E, H, I]`."""
 
@@ -31,23 +53,28 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x `[N, H]`, index and weights `[N, top_k]`: each token's experts and their routing weights.
 
-        Assignments are sorted by expert so each expert runs on one contiguous slice; the only host sync is
-        reading the per-expert counts once.
+        Assignments are sorted by expert and each expert's end offset found on the device, so both projections
+        are one grouped GEMM each and a step needs no host sync and no per-expert launches. Where grouped GEMM
+        does not fit (see `_grouped_mm_fits`) the same groups run one expert at a time, reading the offsets once.
         """
-        flat = index.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
-        token = order // index.shape[1]
-        xs, ws = x[token], weights.flatten()[order, None]
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, count in enumerate(counts):
-            if count:
-                seg = slice(start, start + count)
-                gate, up = F.linear(xs[seg], self.gate_up_proj[e]).chunk(2, dim=-1)
-                ys[seg] = F.linear(F.silu(gate) * up, self.down_proj[e]) * ws[seg]
-                start += count
-        return torch.zeros_like(x).index_add_(0, token, ys)
+        n, k = index.shape
+        ids, order = index.flatten().sort(stable=True)
+        experts = torch.arange(self.gate_up_proj.shape[0], device=ids.device)
+        ends = torch.searchsorted(ids, experts, right=True, out_int32=True)
+        xs = x[order // k]
+        if _grouped_mm_fits(xs, self.gate_up_proj, self.down_proj):
+            gate, up = F.grouped_mm(xs, self.gate_up_proj.mT, offs=ends).chunk(2, dim=-1)
+            ys = F.grouped_mm(F.silu(gate) * up, self.down_proj.mT, offs=ends)
+        else:
+            ys, start = torch.empty_like(xs), 0
+            for e, end in enumerate(ends.tolist()):
+                if end > start:
+                    gate, up = F.linear(xs[start:end], self.gate_up_proj[e]).chunk(2, dim=-1)
+                    ys[start:end] = F.linear(F.silu(gate) * up, self.down_proj[e])
+                start = end
+        unsorted = ys.new_empty(ys.shape)  # back to (token, slot) order: a scatter, so the sum is deterministic
+        unsorted[order] = ys
+        return (unsorted.view(n, k, x.shape[1]) * weights.unsqueeze(-1)).sum(dim=1)
 
 
 class SparseMoE(nn.Module):

@@ -22,7 +22,7 @@ Tensor = torch.Tensor
 def _fold_kernel(
     states, buf_keys, buf_values, weights, decays, buf_slots, buf_lens, read_slots, write_slots,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, KC: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, KC: tl.constexpr, BL: tl.constexpr,
 ):
     i_v, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -32,7 +32,7 @@ def _fold_kernel(
     no_token = tl.zeros([BV], dtype=tl.float32)  # nothing beyond the buffer to fold
     fold_into(states, read, tl.load(write_slots + i_b).to(tl.int64), tl.load(decays + i_b * HV + i_h), keys_base,
               buf_values + (slot * HV + i_h) * L * V, weights + (i_b * HV + i_h) * L, tl.load(buf_lens + i_b),
-              no_token, keys_base, 0.0, i_h, offs_v, offs_v < V, tl.where(read >= 0, V, 0), HV, K, V, BK, KC)
+              no_token, keys_base, 0.0, i_h, offs_v, offs_v < V, tl.where(read >= 0, V, 0), HV, K, V, BK, KC, BL)
 
 
 def fold_triton(states: Tensor, buffer: BufferPool, buf_slots: Tensor, buf_lens: Tensor, read_slots: Tensor,
@@ -52,5 +52,5 @@ def fold_triton(states: Tensor, buffer: BufferPool, buf_slots: Tensor, buf_lens:
     BK, BV = block(K), min(block(V), block_v)
     _fold_kernel[(triton.cdiv(V, BV), n_req, HV)](
         states, buffer.keys, buffer.values, weights, decays, buf_slots, buf_lens, read_slots, write_slots,
-        H=H, HV=HV, K=K, V=V, L=buffer.capacity, BK=BK, BV=BV, KC=min(BK, 32), num_warps=num_warps,
+        H=H, HV=HV, K=K, V=V, L=buffer.capacity, BK=BK, BV=BV, KC=min(BK, 32), BL=16, num_warps=num_warps,
     )

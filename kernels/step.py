@@ -41,6 +41,9 @@ INLINE_SCORES_MAX_REQUESTS = 8
 # own tokens i <= t, from column n)
 WEIGHT_KINDS = tl.constexpr(3)
 COEFS = tl.constexpr(3)  # e^{G_t}, beta_t, q_t . k_t (blocks: e^{G_t} only)
+# the fused flush's products: 8 entries x 16 key columns keep the decode apply at 167 registers, as before it
+# had products (16 x 16 or 8 x 32: 223, 182; `python -m kvbuffer.kernels.hopper`); not yet timed
+FLUSH_ENTRIES, FLUSH_K_CHUNK = tl.constexpr(8), 16
 
 
 @triton.jit
@@ -236,10 +239,10 @@ def _decode_apply_kernel(
         inv_kn = tl.rsqrt(tl.sum(k_full * k_full) + NORM_EPS)
         if HAS_BUFFER:
             fold_into(states, read, write, eG, buf_keys + (slot * H + i_hk) * L * K, values_base, w_base, n, d,
-                      k_row, inv_kn, i_h, offs_v, mask_v, rows_held, HV, K, V, BK, KC)
+                      k_row, inv_kn, i_h, offs_v, mask_v, rows_held, HV, K, V, BK, KC, FLUSH_ENTRIES)
         else:  # the recurrence itself: no buffer
             fold_into(states, read, write, eG, k_row, states, states, 0, d, k_row, inv_kn,
-                      i_h, offs_v, mask_v, rows_held, HV, K, V, BK, KC)
+                      i_h, offs_v, mask_v, rows_held, HV, K, V, BK, KC, FLUSH_ENTRIES)
 
 
 @triton.jit
@@ -363,7 +366,7 @@ def _decode(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor
                                            num_warps=DECODE_SCORES_WARPS)
     _decode_apply_kernel[(triton.cdiv(V, BV), N, HV)](
         q, k, v, a, b, A_log, dt_bias, out, states, keys, values, decay, buf_slots, buf_lens, read_slots, write_slots,
-        weights, coefs, scale, H=H, HV=HV, K=K, V=V, L=L, BK=BK, BV=BV, BL=block_l, KC=min(BK, 32),
+        weights, coefs, scale, H=H, HV=HV, K=K, V=V, L=L, BK=BK, BV=BV, BL=block_l, KC=min(BK, FLUSH_K_CHUNK),
         HAS_BUFFER=buffer is not None, INLINE_SCORES=inline, num_warps=num_warps)
     return out
 

@@ -30,10 +30,14 @@ Tensor = torch.Tensor
 Backend = Literal["auto", "triton", "torch"]
 
 
-def _use_triton(backend: Backend, device: torch.device) -> bool:
+def _use_triton(backend: Backend, *tensors: Tensor) -> bool:
+    """Triton for `auto` on CUDA; fp64 (the oracle's dtype) always runs the PyTorch reference."""
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    return backend == "triton" or (backend == "auto" and device.type == "cuda")
+    fp64 = any(t.dtype == torch.float64 for t in tensors)
+    if backend == "triton" and fp64:
+        raise ValueError("backend='triton' takes 16- and 32-bit tensors; run float64 on backend='torch'")
+    return backend == "triton" or (backend == "auto" and tensors[0].device.type == "cuda" and not fp64)
 
 
 def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
@@ -85,7 +89,7 @@ def buffered_decode(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log
                 allow_none=True)
     if check_values:
         check_room(buf_lens, 1, buffer.capacity)
-    if _use_triton(backend, q.device):
+    if _use_triton(backend, q, states, buffer.values):
         from .step import buffered_decode_triton
         return buffered_decode_triton(q, k, v, a, b, A_log, dt_bias, states, buffer, buf_slots, buf_lens,
                                       read_slots, write_slots, scale, out=out)
@@ -101,7 +105,7 @@ def recurrent_decode(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_lo
     check_states(states, HV, K, V, q.device)
     check_slots("slots", slots, B, q.device, states.shape[0] if check_values else None)
     _check_out(out, v, q)
-    if _use_triton(backend, q.device):
+    if _use_triton(backend, q, states):
         from .step import recurrent_decode_triton
         return recurrent_decode_triton(q, k, v, a, b, A_log, dt_bias, states, slots, scale, out=out)
     return _into(out, reference.recurrent_decode(q, k, v, a, b, A_log, dt_bias, states, slots, scale))
@@ -131,7 +135,7 @@ def verify(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor,
         check_room(buf_lens, counts, buffer.capacity)
         if max_tokens is not None and n_req and int(counts.max()) > max_tokens:
             raise ValueError(f"max_tokens ({max_tokens}) is less than a request's token count ({int(counts.max())})")
-    if _use_triton(backend, q.device):
+    if _use_triton(backend, q, states, buffer.values):
         from .step import verify_triton
         return verify_triton(q, k, v, a, b, A_log, dt_bias, states, buffer, cu_seqlens, buf_slots, buf_lens,
                              read_slots, scale, out=out, max_tokens=max_tokens)
@@ -161,7 +165,7 @@ def fold(states: torch.Tensor, buffer: BufferPool, buf_slots: torch.Tensor, buf_
     check_slots("buf_lens", buf_lens, B, dev, buffer.capacity + 1 if check_values else None)
     check_slots("read_slots", read_slots, B, dev, states.shape[0] if check_values else None, allow_none=True)
     check_slots("write_slots", write_slots, B, dev, states.shape[0] if check_values else None)
-    if _use_triton(backend, dev):
+    if _use_triton(backend, states, buffer.values):
         from .fold import fold_triton
         return fold_triton(states, buffer, buf_slots, buf_lens, read_slots, write_slots)
     return reference.fold(states, buffer, buf_slots, buf_lens, read_slots, write_slots)
@@ -185,7 +189,7 @@ def prefill(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor
     check_slots("read_slots", read_slots, n_req, dev, states.shape[0] if check_values else None, allow_none=True)
     check_slots("write_slots", write_slots, n_req, dev, states.shape[0] if check_values else None)
     _check_out(out, v, q)
-    if _use_triton(backend, dev):
+    if _use_triton(backend, q, states):
         from .prefill import prefill_chunked
         return _into(out, prefill_chunked(q, k, v, a, b, A_log, dt_bias, states, cu_seqlens, read_slots,
                                           write_slots, scale))

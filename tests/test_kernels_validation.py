@@ -77,3 +77,16 @@ def test_settings_leave_room_for_drafts(buffer_size: int, chunk_size: int, draft
     with pytest.raises(ValueError, match=message):
         check_settings(buffer_size, chunk_size, drafts)
     check_settings(chunk_size + max(drafts, 0) + 1, max(chunk_size, 1), max(drafts, 0))
+
+
+def test_triton_backend_refuses_float64() -> None:
+    """fp64 is the oracle's dtype: `auto` sends it to the reference, an explicit `triton` is refused by name."""
+    args = decode_args()
+    for name in ("q", "k", "v", "a", "b"):
+        args[name] = args[name].double()
+    args["buffer"] = type(args["buffer"])(args["buffer"].keys.double(), args["buffer"].values.double(),
+                                          args["buffer"].decay)
+    with pytest.raises(ValueError, match="backend='triton' takes 16- and 32-bit"):
+        buffered_decode(**args, backend="triton")
+    out = buffered_decode(**args, backend="auto")
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()

@@ -2,15 +2,22 @@
 
 Requests are ordered by GDN operation (decode, verify, prefill) so each KVBuffer call covers one contiguous
 token range. Speculative steps keep the conv inputs so `rollback` can rewind conv states to what was accepted.
+Every index tensor of a step is planned as a Python list first and reaches the device in one `HostStaging` copy
+that the host does not wait for (see staging.py).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from itertools import accumulate
 
 import torch
 
 from ..model import Qwen3NextForCausalLM
 from ..model.batch import AttentionGroup, DecodeCall, FoldCall, ForwardBatch, GdnBatch, PrefillCall, VerifyCall
 from .scheduler import ScheduledSeq
+from .staging import HostStaging, pack
 
 _OP_ORDER = {"decode": 0, "verify": 1, "prefill": 2}
 
@@ -26,22 +33,21 @@ class ModelRunner:
     def order(self, batch: list[ScheduledSeq]) -> list[ScheduledSeq]:
         return sorted(batch, key=lambda s: _OP_ORDER[s.step.op])
 
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=self.device)
-
     def _kv_rows(self, block_table: list[int], positions: range) -> list[int]:
         bs = self.block_size
         return [block_table[p // bs] * bs + p % bs for p in positions]
 
-    def _attention(self, batch: list[ScheduledSeq], starts: list[int]) -> list[AttentionGroup]:
+    def _attention(self, batch: list[ScheduledSeq], starts: list[int], stage: HostStaging
+                   ) -> list[tuple[int, int, int]]:
+        """Stages each attention group's query rows, query positions and block tables; their indices in `stage`."""
         short = [i for i, s in enumerate(batch) if s.n <= self.short_query]
         groups = [short] if short else []
         groups += [[i] for i, s in enumerate(batch) if s.n > self.short_query]
-        bs, out = self.block_size, []
+        out = []
         for members in groups:
             Q = max(batch[i].n for i in members)
             L = max(batch[i].seq.num_computed + batch[i].n for i in members)
-            blocks = -(-L // bs)
+            blocks = -(-L // self.block_size)
             q_rows, q_pos, tables = [], [], []
             for i in members:
                 s, nc = batch[i], batch[i].seq.num_computed
@@ -49,44 +55,60 @@ class ModelRunner:
                 q_pos.append([nc + min(t, s.n - 1) for t in range(Q)])
                 table = s.seq.block_table[:blocks]
                 tables.append(table + [0] * (blocks - len(table)))
-            # whole blocks: the key length changes every block_size tokens, not every step
-            kv_rows = (self._tensor(tables)[:, :, None] * bs + torch.arange(bs, device=self.device)).flatten(1)
-            out.append(AttentionGroup(self._tensor(q_rows), self._tensor(q_pos), kv_rows))
+            out.append((stage.add(q_rows), stage.add(q_pos), stage.add(tables)))
         return out
 
-    def _gdn_batch(self, batch: list[ScheduledSeq], starts: list[int]) -> GdnBatch:
-        kk, t = self.kk, self._tensor
+    def _group(self, q_rows: torch.Tensor, q_pos: torch.Tensor, tables: torch.Tensor) -> AttentionGroup:
+        # whole blocks: the key length changes every block_size tokens, not every step
+        bs = self.block_size
+        kv_rows = (tables[:, :, None] * bs + torch.arange(bs, device=self.device)).flatten(1)
+        return AttentionGroup(q_rows, q_pos, kv_rows)
+
+    def _gdn_batch(self, batch: list[ScheduledSeq], starts: list[int], stage: HostStaging
+                   ) -> Callable[[list[torch.Tensor]], GdnBatch]:
+        """Stages the conv rows and the slots of the KVBuffer calls; returns what builds the GdnBatch from the
+        sent tensors."""
+        kk, put = self.kk, stage.add
         state_rows, token_rows, last_rows = [], [], []
         for i, s in enumerate(batch):
             base = starts[i] + i * kk
             state_rows += range(base, base + kk)
             token_rows += range(base + kk, base + kk + s.n)
             last_rows += range(base + s.n, base + s.n + kk)
-        gdn = GdnBatch(t([s.seq.req_slot for s in batch]), t(state_rows), t(token_rows), t(last_rows),
-                       keep_conv_inputs=any(s.drafts for s in batch))
+        conv = [put([s.seq.req_slot for s in batch]), put(state_rows), put(token_rows), put(last_rows)]
+        calls: dict[str, tuple[Callable[..., object], list[int]]] = {}  # GdnBatch field: constructor, staged args
         folds = [s for s in batch if s.step.fold]
         if folds:
-            gdn.fold = FoldCall(t([s.seq.req_slot for s in folds]), t([s.seq.buf_len for s in folds]),
-                                t([-1 if s.step.takes_slot else s.seq.state_slot for s in folds]),
-                                t([s.seq.state_slot for s in folds]))
+            calls["fold"] = (FoldCall, [put([s.seq.req_slot for s in folds]), put([s.seq.buf_len for s in folds]),
+                                        put([-1 if s.step.takes_slot else s.seq.state_slot for s in folds]),
+                                        put([s.seq.state_slot for s in folds])])
         for op in _OP_ORDER:
             members = [i for i, s in enumerate(batch) if s.step.op == op]
             if not members:
                 continue
             seqs = [batch[i] for i in members]
             start, end = starts[members[0]], starts[members[-1]] + batch[members[-1]].n
-            read = t([s.seq.state_slot if s.step.read else -1 for s in seqs])
-            cu = t([starts[i] - start for i in members] + [end - start])
-            buf_slots = t([s.seq.req_slot for s in seqs])
-            buf_lens = t([0 if s.step.fold else s.seq.buf_len for s in seqs])
+            read = [s.seq.state_slot if s.step.read else -1 for s in seqs]
+            cu = [starts[i] - start for i in members] + [end - start]
+            buf_slots = [s.seq.req_slot for s in seqs]
+            buf_lens = [0 if s.step.fold else s.seq.buf_len for s in seqs]
             if op == "decode":
-                gdn.decode = DecodeCall(start, end, buf_slots, buf_lens, read,
-                                        t([s.seq.state_slot if s.step.flush else -1 for s in seqs]))
+                flush = [s.seq.state_slot if s.step.flush else -1 for s in seqs]
+                calls[op] = (partial(DecodeCall, start, end), [put(v) for v in (buf_slots, buf_lens, read, flush)])
             elif op == "verify":
-                gdn.verify = VerifyCall(start, end, cu, buf_slots, buf_lens, read, max(s.n for s in seqs))
+                calls[op] = (partial(VerifyCall, start, end, max_tokens=max(s.n for s in seqs)),
+                             [put(v) for v in (cu, buf_slots, buf_lens, read)])
             else:
-                gdn.prefill = PrefillCall(start, end, cu, read, t([s.seq.state_slot for s in seqs]))
-        return gdn
+                calls[op] = (partial(PrefillCall, start, end),
+                             [put(v) for v in (cu, read, [s.seq.state_slot for s in seqs])])
+
+        def build(t: list[torch.Tensor]) -> GdnBatch:
+            gdn = GdnBatch(*(t[i] for i in conv), keep_conv_inputs=any(s.drafts for s in batch))
+            for name, (make, args) in calls.items():
+                setattr(gdn, name, make(*(t[i] for i in args)))
+            return gdn
+
+        return build
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
@@ -100,27 +122,31 @@ class ModelRunner:
             ids += seq.token_ids[nc:nc + s.n - len(s.drafts)] + s.drafts
             positions += range(nc, nc + s.n)
             kv_rows += self._kv_rows(seq.block_table, range(nc, nc + s.n))
-        self._gdn = self._gdn_batch(batch, starts)
-        fb = ForwardBatch(self._tensor(positions), self._tensor(kv_rows), self._attention(batch, starts), self._gdn)
         rows, spans = [], []
         for s, start in zip(batch, starts, strict=True):
             take = s.n if s.drafts else int(s.samples)
             spans.append((len(rows), take))
             rows += range(start + s.n - take, start + s.n)
-        # copied before the forward is queued: a host-to-device copy waits for the stream to drain
-        take_rows = self._tensor(rows) if rows else None
-        hidden = self.model(self._tensor(ids), fb)
-        return (self.model.logits(hidden[take_rows]) if take_rows is not None else None), spans
+        stage = HostStaging(self.device)
+        flat = [stage.add(v) for v in (ids, positions, kv_rows, rows)]
+        groups = self._attention(batch, starts, stage)
+        build_gdn = self._gdn_batch(batch, starts, stage)
+        t = stage.send()  # the step's one host-to-device copy, queued ahead of the forward
+        input_ids, pos, kv, take_rows = (t[i] for i in flat)
+        self._gdn = build_gdn(t)
+        fb = ForwardBatch(pos, kv, [self._group(*(t[i] for i in g)) for g in groups], self._gdn)
+        hidden = self.model(input_ids, fb)
+        return (self.model.logits(hidden[take_rows]) if rows else None), spans
 
     @torch.inference_mode()
     def rollback(self, batch: list[ScheduledSeq], accepted: list[int]) -> None:
         """Conv states of speculative requests rewound to their last accepted token (others are already right)."""
         gdn = self._gdn
-        partial = [i for i, (s, a) in enumerate(zip(batch, accepted, strict=True)) if a < s.n]
-        if gdn is None or not partial:
+        rewind = [i for i, (s, a) in enumerate(zip(batch, accepted, strict=True)) if a < s.n]
+        if gdn is None or not rewind:
             return
-        kk, starts = self.kk, torch.cumsum(torch.tensor([0] + [s.n for s in batch]), 0).tolist()
-        slots = self._tensor([batch[i].seq.req_slot for i in partial])
-        rows = self._tensor([starts[i] + i * kk + accepted[i] + j for i in partial for j in range(kk)])
+        kk, starts = self.kk, list(accumulate((s.n for s in batch), initial=0))
+        slots, rows = pack([[batch[i].seq.req_slot for i in rewind],
+                            [starts[i] + i * kk + accepted[i] + j for i in rewind for j in range(kk)]], self.device)
         for layer in self.model.gdn_layers():
             layer.rollback_conv(gdn, slots, rows)

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -78,6 +79,56 @@ class Dims:
         return self.HV * self.V * value_bytes + self.H * self.K * key_bytes
 
 
+TUNING_SPEC = re.compile(r"(?P<launches>one|two|auto)?-?(?:v(?P<block_v>\d+))?(?:w(?P<num_warps>\d+))?"
+                         r"(?:l(?P<block_l>\d+))?(?:k(?P<flush_k_chunk>\d+))?(?:s(?P<scores_warps>\d+))?")
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Launch parameters of our rows, spelled as on the command line (`--tunings`): `one`/`two` force the decode's
+    single launch or its scores launch first (default: the kernels' batch-size threshold), `v` value rows per
+    program, `w` warps, `l` buffer entries per product, `k` the fused flush's key columns per product, `s` warps of
+    verify's scores launch; e.g. `v8w1k16`, `two-v16w1`, `v128w4s1`. Unset parts keep the kernels' defaults."""
+
+    spec: str = ""
+    launches: str = "auto"
+    block_v: int | None = None
+    num_warps: int | None = None
+    block_l: int | None = None
+    flush_k_chunk: int | None = None
+    scores_warps: int | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> Tuning:
+        match = TUNING_SPEC.fullmatch(spec)
+        if match is None or not spec:
+            raise argparse.ArgumentTypeError(f"bad tuning {spec!r}: write e.g. auto, two, v8w1k16, two-v16w1s2")
+        parts = {name: value for name, value in match.groupdict().items() if value is not None}
+        return cls(spec="" if spec == "auto" else spec, launches=parts.pop("launches", "auto"),
+                   **{name: int(value) for name, value in parts.items()})
+
+    def kernel_args(self) -> dict[str, int]:
+        """What the ops' `tuning` argument takes."""
+        return {name: getattr(self, name) for name in ("block_v", "num_warps", "block_l")
+                if getattr(self, name) is not None}
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """Sets the kernels' module-level launch constants for the duration of a call."""
+        from kvbuffer.kernels import step
+        overrides = {"INLINE_SCORES_MAX_REQUESTS": {"one": sys.maxsize, "two": 0}.get(self.launches),
+                     "FLUSH_K_CHUNK": self.flush_k_chunk, "SCORES_WARPS": self.scores_warps}
+        saved = {name: getattr(step, name) for name in overrides}
+        for name, value in overrides.items():
+            if value is not None:
+                setattr(step, name, value)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(step, name, value)
+
+
 @dataclass(frozen=True)
 class Plan:
     batches: tuple[int, ...]
@@ -91,7 +142,7 @@ class Plan:
     steps: int
     replays: int
     trials: int
-    launches: tuple[str, ...] = ("auto",)  # ours buffered: scores launch policy (auto, one, two)
+    tunings: tuple[Tuning, ...] = (Tuning(),)  # one row of ours per tuning
 
 
 PRESETS: dict[str, Plan] = {
@@ -481,20 +532,7 @@ def make_buffered(env: Env, bt: Batch, chunk: int, capacity: int) -> Buffered:
                     start=start)
 
 
-@contextlib.contextmanager
-def decode_launches(policy: str) -> Iterator[None]:
-    """`one`: every batch weighs its buffer inside the apply launch; `two`: always a scores launch first;
-    `auto`: the kernels' own threshold (step.INLINE_SCORES_MAX_REQUESTS)."""
-    from kvbuffer.kernels import step
-    default = step.INLINE_SCORES_MAX_REQUESTS
-    step.INLINE_SCORES_MAX_REQUESTS = {"one": sys.maxsize, "two": 0}.get(policy, default)
-    try:
-        yield
-    finally:
-        step.INLINE_SCORES_MAX_REQUESTS = default
-
-
-def case_ours_buffered(env: Env, bt: Batch, chunk: int, launches: str = "auto") -> Case:
+def case_ours_buffered(env: Env, bt: Batch, chunk: int, tuning: Tuning) -> Case:
     """ops.buffered_decode, flush fused; bookkeeping: write_slots = where(buf_lens + 1 == chunk, read, -1) before,
     buf_lens = where(flushed, 0, buf_lens + 1) after (written as (buf_lens + 1) % chunk)."""
     d, p, tok = env.dims, env.params, bt.tok
@@ -513,10 +551,10 @@ def case_ours_buffered(env: Env, bt: Batch, chunk: int, launches: str = "auto") 
 
     def step(s: int) -> torch.Tensor:
         before()
-        with decode_launches(launches):
+        with tuning.applied():
             o = env.ops.buffered_decode(*tok.split(s), p.A_log, p.dt_bias, st.pool, st.buffer, st.buf_slots,
                                         st.buf_lens, st.slots, write_slots, scale=p.scale, backend=env.backend,
-                                        check_values=False)
+                                        check_values=False, tuning=tuning.kernel_args())
         after()
         return o
 
@@ -583,7 +621,7 @@ def case_sgl_verify(env: Env, bt: Batch, commit: bool) -> Case:
                 model_bytes=bt.B * (1 + T + (2 if commit else 0)) * d.state_bytes)
 
 
-def case_ours_verify(env: Env, bt: Batch) -> Case:
+def case_ours_verify(env: Env, bt: Batch, tuning: Tuning) -> Case:
     """ops.verify of T tokens per request from checkpoint + partly filled buffer (max_tokens=T: no read-back in the
     graph), then buf_lens + accepted (into a separate tensor, so every replay verifies from the same buffer)."""
     d, p, tok, T = env.dims, env.params, bt.tok, bt.T
@@ -597,8 +635,10 @@ def case_ours_verify(env: Env, bt: Batch) -> Case:
         torch.add(st.buf_lens, accepted, out=committed)
 
     def step(s: int) -> torch.Tensor:
-        o = env.ops.verify(*tok.split(s), p.A_log, p.dt_bias, st.pool, st.buffer, cu, st.buf_slots, st.buf_lens,
-                           st.slots, scale=p.scale, backend=env.backend, check_values=False, max_tokens=T)
+        with tuning.applied():
+            o = env.ops.verify(*tok.split(s), p.A_log, p.dt_bias, st.pool, st.buffer, cu, st.buf_slots,
+                               st.buf_lens, st.slots, scale=p.scale, backend=env.backend, check_values=False,
+                               max_tokens=T, tuning=tuning.kernel_args())
         commit(s)
         return o
 
@@ -749,8 +789,8 @@ def decode_cases(env: Env, bt: Batch) -> list[tuple[str, str, bool, Callable[[],
     if env.fla is not None:
         cases.append(("fla recurrent", "", False, partial(case_fla, env, bt)))
     cases.append(("ours recurrent", "", env.sgl is None, partial(case_ours_recurrent, env, bt)))
-    cases += [("ours buffered", f"C={C}" + ("" if launches == "auto" else f" {launches} launch"), False,
-               partial(case_ours_buffered, env, bt, C, launches)) for C in plan.chunks for launches in plan.launches]
+    cases += [("ours buffered", f"C={C} {tuning.spec}".rstrip(), False, partial(case_ours_buffered, env, bt, C, tuning))
+              for C in plan.chunks for tuning in plan.tunings]
     return cases
 
 
@@ -759,8 +799,8 @@ def verify_cases(env: Env, bt: Batch) -> list[tuple[str, str, bool, Callable[[],
     if env.sgl is not None:
         cases.append(("sgl verify", "", True, partial(case_sgl_verify, env, bt, False)))
         cases.append(("sgl verify+commit", "", False, partial(case_sgl_verify, env, bt, True)))
-    cases.append(("ours verify+commit", f"C={env.plan.verify_chunk}", env.sgl is None,
-                  partial(case_ours_verify, env, bt)))
+    cases += [("ours verify+commit", f"C={env.plan.verify_chunk} {tuning.spec}".rstrip(), env.sgl is None,
+               partial(case_ours_verify, env, bt, tuning)) for tuning in env.plan.tunings]
     return cases
 
 
@@ -853,9 +893,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--verify-batches", type=int, nargs="+", help="verify batch sizes")
     ap.add_argument("--drafts", type=int, nargs="+", help="draft tokens per request in verify")
     ap.add_argument("--verify-chunk", type=int, help="chunk size of ours verify (buffer lengths staggered below it)")
-    ap.add_argument("--launches", nargs="+", choices=["auto", "one", "two"],
-                    help="ours buffered: scores inside the apply launch (one), a scores launch first (two), or the "
-                         "kernels' batch-size threshold (auto, the default); several give one row each")
+    ap.add_argument("--tunings", type=Tuning.parse, nargs="+",
+                    help="launch parameters of our rows, one row each (see Tuning; e.g. auto two v8w1k16 v128w4s1)")
     ap.add_argument("--steps", type=int, help="consecutive steps per CUDA graph")
     ap.add_argument("--replays", type=int, help="graph replays per trial")
     ap.add_argument("--trials", type=int, help="trials (median reported)")

@@ -4,12 +4,13 @@
 elsewhere); `reference` is the plain-PyTorch oracle; `pools` owns the memory layout.
 """
 
-from .ops import buffered_decode, fold, prefill, recurrent_decode, verify
+from .ops import Tuning, buffered_decode, fold, prefill, recurrent_decode, verify
 from .pools import BufferPool, new_state_pool
 from .validate import check_settings
 
 __all__ = [
     "BufferPool",
+    "Tuning",
     "buffered_decode",
     "check_settings",
     "fold",

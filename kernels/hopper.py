@@ -19,7 +19,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import step
-from .fold import _fold_kernel
+from .fold import _fold_kernel, fold_triton
 
 
 @dataclass(frozen=True)
@@ -63,19 +63,23 @@ def step_builds(H: int = 16, HV: int = 32, K: int = 128, V: int = 128, capacity:
                 key_type: str = "bf16") -> list[Build]:
     """The configurations `kvbuffer.kernels.step` launches, at the given shapes, with its default tuning."""
     decode_tuning = inspect.signature(step._decode).parameters
-    block_v, block_l = decode_tuning["block_v"].default, decode_tuning["block_l"].default
-    BK, BV, BT = step.block(K), min(step.block(V), block_v), step.block(min(tokens, step.MAX_TOKENS_PER_ROUND))
+    block_tuning = inspect.signature(step._blocks).parameters
+    fold_tuning = inspect.signature(fold_triton).parameters
+    block_l = decode_tuning["block_l"].default
+    BK, BT = step.block(K), step.block(min(tokens, step.MAX_TOKENS_PER_ROUND))
+    BV, block_BV, fold_BV = (min(step.block(V), tuning["block_v"].default)
+                             for tuning in (decode_tuning, block_tuning, fold_tuning))
     inputs = dict.fromkeys(("q", "k", "v", "a", "b", "out", "buf_keys"), "*" + key_type)
     floats = dict.fromkeys(("A_log", "dt_bias", "states", "buf_values", "weights", "solve", "coefs"), "*fp32")
     ints = dict.fromkeys(("cu_seqlens", "buf_slots", "buf_lens", "read_slots", "write_slots"), "*i32")
     types = {**inputs, **floats, **ints, "buf_decay": "*fp64", "offset": "i32", "scale": "fp32"}
     shape = dict(H=H, HV=HV, K=K, BK=BK)
     decode = dict(shape, V=V, L=capacity, BV=BV, BL=block_l, KC=min(BK, step.FLUSH_K_CHUNK))
-    fold_shape = dict(H=H, HV=HV, K=K, V=V, L=capacity, BK=BK, BV=BV, KC=min(BK, 32), BL=block_l)
+    fold_shape = dict(H=H, HV=HV, K=K, V=V, L=capacity, BK=BK, BV=fold_BV, KC=min(BK, 32), BL=block_l)
     fold_types = {"states": "*fp32", "buf_keys": "*" + key_type, "buf_values": "*fp32", "weights": "*fp32",
                   "decays": "*fp32", **ints}
     decode_warps = decode_tuning["num_warps"].default
-    block_warps = inspect.signature(step._blocks).parameters["num_warps"].default
+    block_warps = block_tuning["num_warps"].default
     return [
         Build("decode scores", step._decode_scores_kernel, types, dict(shape, L=capacity, BL=block_l),
               step.DECODE_SCORES_WARPS),
@@ -88,8 +92,9 @@ def step_builds(H: int = 16, HV: int = 32, K: int = 128, V: int = 128, capacity:
         Build(f"verify scores (T={tokens})", step._scores_kernel, types,
               dict(shape, L=capacity, BL=block_l, BT=BT, PRECISION="tf32"), step.SCORES_WARPS),
         Build(f"verify apply (T={tokens})", step._block_apply_kernel, types,
-              dict(shape, V=V, L=capacity, BV=BV, BL=block_l, BT=BT, EXACT_INPUTS=key_type != "fp32"), block_warps),
-        Build("fold", _fold_kernel, fold_types, fold_shape, 4),
+              dict(shape, V=V, L=capacity, BV=block_BV, BL=block_l, BT=BT, EXACT_INPUTS=key_type != "fp32"),
+              block_warps),
+        Build("fold", _fold_kernel, fold_types, fold_shape, fold_tuning["num_warps"].default),
     ]
 
 

@@ -12,12 +12,13 @@ Outputs are `[N, HV, V]` in q's dtype.
 `backend="auto"` runs the Triton kernels on CUDA tensors and the PyTorch reference elsewhere; tests pass
 `backend="triton"` on CPU to run the kernels under TRITON_INTERPRET=1. `check_values=False` skips the checks
 that read slot and length values back to the host (CUDA graphs, benchmarks, callers that know them).
-`out`, if given, receives the outputs (`[N, HV, V]`, q's dtype) in place.
+`out`, if given, receives the outputs (`[N, HV, V]`, q's dtype) in place. `tuning` overrides the Triton
+launchers' tiles and warps (benchmarks/bench_kernels.py `--tunings` sweeps them); the reference ignores it.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypedDict
 
 import torch
 
@@ -28,6 +29,24 @@ from .validate import check_buffer, check_room, check_slots, check_states, check
 Tensor = torch.Tensor
 
 Backend = Literal["auto", "triton", "torch"]
+
+
+class Tuning(TypedDict, total=False):
+    """Launch parameters of the Triton kernels: value rows per program, buffer entries per product, warps."""
+
+    block_v: int
+    block_l: int
+    num_warps: int
+
+
+def _check_tuning(tuning: Tuning | None) -> Tuning:
+    least = {"block_v": 1, "block_l": 16, "num_warps": 1}  # tl.dot contracts over at least 16 entries
+    for name, value in (tuning or {}).items():
+        if name not in least:
+            raise ValueError(f"tuning has no parameter {name!r} (it takes {', '.join(least)})")
+        if not isinstance(value, int) or value < least[name] or value & (value - 1):
+            raise ValueError(f"tuning[{name!r}] must be a power of two >= {least[name]}, got {value!r}")
+    return tuning or {}
 
 
 def _use_triton(backend: Backend, *tensors: Tensor) -> bool:
@@ -74,7 +93,7 @@ def buffered_decode(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log
                     states: torch.Tensor, buffer: BufferPool, buf_slots: torch.Tensor, buf_lens: torch.Tensor,
                     read_slots: torch.Tensor, write_slots: torch.Tensor, scale: float | None = None,
                     backend: Backend = "auto", check_values: bool = True,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, tuning: Tuning | None = None) -> torch.Tensor:
     """One new token for each of B requests, from checkpoint (read_slots) + buffer; the state is only read.
 
     o_n = e^{G_n} S0^T q_n + sum_{j<=n} e^{G_n-G_j} (q_n.k_j) d_j, with d_n the corrected value. Appends
@@ -89,10 +108,11 @@ def buffered_decode(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log
                 allow_none=True)
     if check_values:
         check_room(buf_lens, 1, buffer.capacity)
+    tuning = _check_tuning(tuning)
     if _use_triton(backend, q, states, buffer.values):
         from .step import buffered_decode_triton
         return buffered_decode_triton(q, k, v, a, b, A_log, dt_bias, states, buffer, buf_slots, buf_lens,
-                                      read_slots, write_slots, scale, out=out)
+                                      read_slots, write_slots, scale, out=out, **tuning)
     return _into(out, reference.buffered_decode(q, k, v, a, b, A_log, dt_bias, states, buffer, buf_slots,
                                                 buf_lens, read_slots, write_slots, scale))
 
@@ -114,7 +134,8 @@ def recurrent_decode(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_lo
 def verify(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, states: torch.Tensor,
            buffer: BufferPool, cu_seqlens: torch.Tensor, buf_slots: torch.Tensor, buf_lens: torch.Tensor,
            read_slots: torch.Tensor, scale: float | None = None, backend: Backend = "auto", check_values: bool = True,
-           out: torch.Tensor | None = None, max_tokens: int | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, max_tokens: int | None = None,
+           tuning: Tuning | None = None) -> torch.Tensor:
     """T_i tokens for each request at once (draft verification, or a short prompt into the buffer).
 
     Request i owns tokens cu_seqlens[i]:cu_seqlens[i+1]. Their entries are appended tentatively at
@@ -135,10 +156,11 @@ def verify(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor,
         check_room(buf_lens, counts, buffer.capacity)
         if max_tokens is not None and n_req and int(counts.max()) > max_tokens:
             raise ValueError(f"max_tokens ({max_tokens}) is less than a request's token count ({int(counts.max())})")
+    tuning = _check_tuning(tuning)
     if _use_triton(backend, q, states, buffer.values):
         from .step import verify_triton
         return verify_triton(q, k, v, a, b, A_log, dt_bias, states, buffer, cu_seqlens, buf_slots, buf_lens,
-                             read_slots, scale, out=out, max_tokens=max_tokens)
+                             read_slots, scale, out=out, max_tokens=max_tokens, **tuning)
     return _into(out, reference.verify(q, k, v, a, b, A_log, dt_bias, states, buffer, cu_seqlens, buf_slots,
                                        buf_lens, read_slots, scale))
 

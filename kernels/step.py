@@ -32,8 +32,9 @@ from .tiles import NORM_EPS, block, fold_into, gate, l2norm_vec
 Tensor = torch.Tensor
 
 MAX_TOKENS_PER_ROUND = 16
-DECODE_SCORES_WARPS, SCORES_WARPS = 2, 4  # the fastest measured on an H100 (docs/BENCHMARKS.md)
-BLOCK_APPLY_WARPS = 4  # tensor-core products on [16, V-tile] blocks (not yet timed)
+# warps (and the launchers' default tiles): the fastest of benchmarks/tune_kernels.py's sweep on an H100
+DECODE_SCORES_WARPS, SCORES_WARPS = 2, 1
+BLOCK_APPLY_WARPS = 4
 DOT_FP32 = tl.constexpr("tf32x3")  # fp32 operands on tensor cores at fp32 accuracy
 # decode batches this small weigh the buffer inside the apply launch: one launch instead of two (not yet timed)
 INLINE_SCORES_MAX_REQUESTS = 8
@@ -41,9 +42,8 @@ INLINE_SCORES_MAX_REQUESTS = 8
 # own tokens i <= t, from column n)
 WEIGHT_KINDS = tl.constexpr(3)
 COEFS = tl.constexpr(3)  # e^{G_t}, beta_t, q_t . k_t (blocks: e^{G_t} only)
-# the fused flush's products: 8 entries x 16 key columns keep the decode apply at 167 registers, as before it
-# had products (16 x 16 or 8 x 32: 223, 182; `python -m kvbuffer.kernels.hopper`); not yet timed
-FLUSH_ENTRIES, FLUSH_K_CHUNK = tl.constexpr(8), 16
+# the fused flush's products: 16 entries (the least tl.dot contracts over) x 16 key columns
+FLUSH_ENTRIES, FLUSH_K_CHUNK = tl.constexpr(16), 16
 
 
 @triton.jit
@@ -108,7 +108,7 @@ def _scores_kernel(
         A = tl.where(earlier, W * tl.dot(Kt, tl.trans(Kt), input_precision=PRECISION) * inv_k[:, None], 0.0)
         A = beta[:, None] * A
         inverse = (offs_t[:, None] == offs_t[None, :]).to(tl.float32)
-        for t in range(1, BT):  # row t of (I + A)^{-1} = e_t - sum_{i<t} A[t, i] row_i
+        for t in range(1, T):  # row t of (I + A)^{-1} = e_t - sum_{i<t} A[t, i] row_i (padding rows stay e_t)
             row_t = offs_t[:, None] == t
             a_t = tl.sum(tl.where(row_t, A, 0.0), axis=0)
             inverse = tl.where(row_t, inverse - tl.sum(a_t[:, None] * inverse, axis=0)[None, :], inverse)
@@ -343,8 +343,8 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, states: Tens
 
 def _decode(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, states: Tensor,
             buffer: BufferPool | None, buf_slots: Tensor, buf_lens: Tensor, read_slots: Tensor, write_slots: Tensor,
-            scale: float | None, out: Tensor | None, block_v: int = 32, block_l: int = 16,
-            num_warps: int = 2) -> Tensor:
+            scale: float | None, out: Tensor | None, block_v: int = 8, block_l: int = 16,
+            num_warps: int = 1) -> Tensor:
     """One token per request; buffer None is the recurrent baseline."""
     q, k, v, a, b, out = _prepare(q, k, v, a, b, states, buffer, out)
     (N, H, K), (HV, V) = q.shape, v.shape[1:]
@@ -373,7 +373,7 @@ def _decode(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor
 
 def _blocks(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, states: Tensor,
             buffer: BufferPool, cu_seqlens: Tensor, buf_slots: Tensor, buf_lens: Tensor, read_slots: Tensor,
-            scale: float | None, out: Tensor | None, max_tokens: int, block_v: int = 32, block_l: int = 16,
+            scale: float | None, out: Tensor | None, max_tokens: int, block_v: int = 128, block_l: int = 16,
             num_warps: int = BLOCK_APPLY_WARPS) -> Tensor:
     """Variable-length blocks of tokens per request, in rounds of up to MAX_TOKENS_PER_ROUND."""
     q, k, v, a, b, out = _prepare(q, k, v, a, b, states, buffer, out)

@@ -38,6 +38,7 @@ def fold_into(states, read, write, decay, keys_base, values_base, weights_base, 
     flush waits on K/KC * n/BL rounds of loads rather than one per entry and chunk (fp32 products: the fold
     writes the state, which must keep fp32 accuracy).
     """
+    tl.static_assert(BL >= 16, "tl.dot contracts over at least 16 entries (Triton 3.6 refuses fewer on a GPU)")
     for kc in range(0, BK, KC):
         offs_c = kc + tl.arange(0, KC)
         mask_c = offs_c < K

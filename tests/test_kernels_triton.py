@@ -44,8 +44,10 @@ def poison_entries(buffer: BufferPool, slots: list[int], starts: list[int], coun
             t[slot, :, start:start + count] = float("nan")
 
 
-@pytest.mark.parametrize("shapes", [Shapes(), Shapes(H=1, HV=2, K=32, V=64)])
-def test_buffered_decode_mixed_batch_matches_fp64(shapes: Shapes, decode_launches: str) -> None:
+@pytest.mark.parametrize("shapes,tuning", [(Shapes(), None),
+                                           (Shapes(H=1, HV=2, K=32, V=64), {"block_v": 16, "block_l": 32})],
+                         ids=["default tiles", "tuned tiles"])
+def test_buffered_decode_mixed_batch_matches_fp64(shapes: Shapes, tuning: dict | None, decode_launches: str) -> None:
     gen, seed = fresh_generator()
     layer = layer_params(gen, shapes, DEVICE)
     states, buffer = random_pools(gen, shapes, state_slots=8, buffer_slots=6, capacity=24, device=DEVICE)
@@ -63,7 +65,7 @@ def test_buffered_decode_mixed_batch_matches_fp64(shapes: Shapes, decode_launche
     states[[w for w in write_slots if w >= 0 and w not in read_slots]] = float("nan")
     out = torch.full_like(v, float("nan"))
     buffered_decode(q, k, v, a, b, layer.A_log, layer.dt_bias, states, buffer, ints(buf_slots), ints(buf_lens),
-                    ints(read_slots), ints(write_slots), backend="triton", out=out)
+                    ints(read_slots), ints(write_slots), backend="triton", out=out, tuning=tuning)
     assert relative_error(out, expected) < TOL, f"seed {seed}"
     assert torch.equal(states[untouched], before), f"seed {seed}: a slot nobody writes changed"
     assert relative_error(states, ref_states) < TOL, f"seed {seed}"

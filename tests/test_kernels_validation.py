@@ -90,3 +90,17 @@ def test_triton_backend_refuses_float64() -> None:
         buffered_decode(**args, backend="triton")
     out = buffered_decode(**args, backend="auto")
     assert out.dtype == torch.float64 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("tuning,message", [({"block_q": 8}, "tuning has no parameter 'block_q'"),
+                                            ({"block_v": 12}, "tuning\\['block_v'\\] must be a power of two >= 1"),
+                                            ({"block_l": 8}, "tuning\\['block_l'\\] must be a power of two >= 16")])
+def test_bad_tuning_is_refused_by_name(tuning: dict, message: str) -> None:
+    args = decode_args()
+    before = args["buffer"].values.clone()
+    with pytest.raises(ValueError, match=message):
+        buffered_decode(**args, backend="triton", tuning=tuning)
+    del args["write_slots"]
+    with pytest.raises(ValueError, match=message):
+        verify(**args, cu_seqlens=torch.tensor([0, 1, 2]), backend="triton", tuning=tuning)
+    assert torch.equal(args["buffer"].values, before)

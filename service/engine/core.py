@@ -118,11 +118,13 @@ class EngineCore:
             accepted.append(kept)
         if self.num_drafts:
             self.runner.rollback(batch, accepted)
-        return [out for s, (a, k), tokens in zip(batch, spans, emitted, strict=True)
-                if (out := self._emit(s, logits[a:a + k] if k else None, tokens)) is not None]
+        return [out for s, span, tokens in zip(batch, spans, emitted, strict=True)
+                if (out := self._emit(s, logits, span, tokens)) is not None]
 
-    def _emit(self, s: ScheduledSeq, rows: torch.Tensor | None, tokens: list[int]
+    def _emit(self, s: ScheduledSeq, logits: torch.Tensor | None, span: tuple[int, int], tokens: list[int]
               ) -> tuple[str, GenerateChunk] | None:
+        """The chunk for one request's tokens of this step. `span` is its (first row, row count) in `logits`, sliced
+        only for a request that asked for logprobs: a step adds no tensor op per request."""
         seq, st = s.seq, s.seq.stats
         st.flushes += int(s.step.fold or s.step.flush)
         self.flushes += int(s.step.fold or s.step.flush)
@@ -135,7 +137,8 @@ class EngineCore:
         new, reason = append_tokens(seq, tokens, self.tokenizer.eos_token_ids, self.config.max_context_length)
         st.tokens_by_path[s.step.path] += len(new)
         self.tokens_by_path[s.step.path] += len(new)
-        lps = logprobs(rows, new) if seq.sampling.logprobs and rows is not None else None
+        a, k = span
+        lps = logprobs(logits[a:a + k], new) if seq.sampling.logprobs and logits is not None and k else None
         delta, stopped = text_delta(seq, self.tokenizer, reason is not None)
         reason = "stop" if stopped else reason
         if reason is not None:

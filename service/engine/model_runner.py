@@ -59,10 +59,12 @@ class ModelRunner:
         return out
 
     def _group(self, q_rows: torch.Tensor, q_pos: torch.Tensor, tables: torch.Tensor) -> AttentionGroup:
+        """Key rows and the causal mask of one attention group, built once for every attention layer."""
         # whole blocks: the key length changes every block_size tokens, not every step
         bs = self.block_size
         kv_rows = (tables[:, :, None] * bs + torch.arange(bs, device=self.device)).flatten(1)
-        return AttentionGroup(q_rows, q_pos, kv_rows)
+        mask = torch.arange(kv_rows.shape[1], device=self.device) <= q_pos[:, None, :, None]
+        return AttentionGroup(q_rows, kv_rows, mask)
 
     def _gdn_batch(self, batch: list[ScheduledSeq], starts: list[int], stage: HostStaging
                    ) -> Callable[[list[torch.Tensor]], GdnBatch]:
@@ -103,7 +105,9 @@ class ModelRunner:
                              [put(v) for v in (cu, read, [s.seq.state_slot for s in seqs])])
 
         def build(t: list[torch.Tensor]) -> GdnBatch:
-            gdn = GdnBatch(*(t[i] for i in conv), keep_conv_inputs=any(s.drafts for s in batch))
+            slots, state, tokens, last = (t[i] for i in conv)  # the conv rows staged above, on the device
+            windows = tokens[:, None] + torch.arange(-kk, 1, device=self.device)  # once for every layer
+            gdn = GdnBatch(slots, state, tokens, windows, last, keep_conv_inputs=any(s.drafts for s in batch))
             for name, (make, args) in calls.items():
                 setattr(gdn, name, make(*(t[i] for i in args)))
             return gdn

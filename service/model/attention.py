@@ -28,9 +28,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         Q = q[g.q_rows].transpose(1, 2)  # [B, H, Q, D]
         K = k_cache[g.kv_rows].repeat_interleave(rep, dim=2).transpose(1, 2)  # [B, H, L, D]
         V = v_cache[g.kv_rows].repeat_interleave(rep, dim=2).transpose(1, 2)
-        mask = torch.arange(g.kv_rows.shape[1], device=q.device) <= g.q_pos[..., None]  # [B, Q, L]
         with sdpa_kernel(_BACKENDS):
-            O = F.scaled_dot_product_attention(Q, K, V, attn_mask=mask[:, None], scale=scale)
+            O = F.scaled_dot_product_attention(Q, K, V, attn_mask=g.mask, scale=scale)
         out[g.q_rows.flatten()] = O.transpose(1, 2).flatten(0, 1)
     return out
 

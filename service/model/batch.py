@@ -1,7 +1,9 @@
 """What one forward pass needs besides token ids: positions, cache addresses and the KVBuffer calls.
 
 The model runner builds a `ForwardBatch` per engine step; layers only read it (plus `conv_inputs`, where GDN
-layers leave their conv inputs so that a speculative step can be rolled back to its accepted prefix).
+layers leave their conv inputs so that a speculative step can be rolled back to its accepted prefix). Whatever is
+the same for every layer (cache addresses, attention masks, conv windows, KVBuffer slots and lengths) is built
+here once per step, so a layer does no index arithmetic of its own: the host work a layer adds is its compute.
 Requests are ordered by the GDN operation they take (decode, verify, prefill), so each call's tokens form one
 contiguous range `[start, end)` of the flat token batch.
 """
@@ -18,8 +20,8 @@ class AttentionGroup:
     """Requests whose full attention runs as one padded batch: queries `[B, Q]`, cached keys `[B, L]`."""
 
     q_rows: torch.Tensor  # [B, Q] token rows of the flat batch; padding repeats the request's last token
-    q_pos: torch.Tensor  # [B, Q] positions of the queries (a query sees keys 0..q_pos)
     kv_rows: torch.Tensor  # [B, L] KV-cache rows of positions 0..L-1 (L a whole number of blocks)
+    mask: torch.Tensor  # [B, 1, Q, L] bool: a query sees the keys up to its own position (shared by all layers)
 
 
 @dataclass
@@ -75,6 +77,7 @@ class GdnBatch:
     conv_slots: torch.Tensor  # [B] request slot of each request (its conv state)
     conv_state_rows: torch.Tensor  # [B * (kernel-1)] rows of the conv input buffer holding the old states
     conv_token_rows: torch.Tensor  # [N] rows holding the tokens' conv inputs
+    conv_windows: torch.Tensor  # [N, kernel] each token's window: the kernel-1 rows before its row, then its row
     conv_last_rows: torch.Tensor  # [B * (kernel-1)] rows of the new conv state (all tokens accepted)
     fold: FoldCall | None = None
     decode: DecodeCall | None = None

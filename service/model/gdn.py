@@ -55,9 +55,8 @@ class GatedDeltaNet(nn.Module):
         inputs = mixed.new_empty(mixed.shape[0] + gdn.conv_slots.shape[0] * kk, C)
         inputs[gdn.conv_state_rows] = self.conv_state[gdn.conv_slots].reshape(-1, C).to(mixed.dtype)
         inputs[gdn.conv_token_rows] = mixed
-        window = gdn.conv_token_rows[:, None] + torch.arange(-kk, 1, device=mixed.device)
         weight = self.conv1d.weight[:, 0, :].T  # [kernel, C]
-        out = F.silu((inputs[window] * weight).sum(1))
+        out = F.silu((inputs[gdn.conv_windows] * weight).sum(1))
         self.conv_state[gdn.conv_slots] = inputs[gdn.conv_last_rows].view(-1, kk, C).to(self.conv_state.dtype)
         if gdn.keep_conv_inputs:
             gdn.conv_inputs[self.layer_idx] = inputs
@@ -80,7 +79,8 @@ class GatedDeltaNet(nn.Module):
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
              gdn: GdnBatch) -> torch.Tensor:
-        """The recurrence through KVBuffer: folds first, then each call on its token range."""
+        """The recurrence through KVBuffer: folds first, then each call on its token range, writing its rows of
+        the output in place (no copy, and no output allocation of its own on the Triton path)."""
         o = torch.empty_like(v)
         gate = (self.A_log, self.dt_bias)
         check = v.device.type != "cuda"  # the value checks read slots back to the host: a sync per call on GPU
@@ -90,17 +90,17 @@ class GatedDeltaNet(nn.Module):
         if (d := gdn.decode) is not None:
             t = slice(d.start, d.end)
             if self.buffer is None:
-                o[t] = ops.recurrent_decode(q[t], k[t], v[t], a[t], b[t], *gate, self.states, d.read_slots,
-                                            check_values=check)
+                ops.recurrent_decode(q[t], k[t], v[t], a[t], b[t], *gate, self.states, d.read_slots,
+                                     check_values=check, out=o[t])
             else:
-                o[t] = ops.buffered_decode(q[t], k[t], v[t], a[t], b[t], *gate, self.states, self.buffer,
-                                           d.buf_slots, d.buf_lens, d.read_slots, d.write_slots, check_values=check)
+                ops.buffered_decode(q[t], k[t], v[t], a[t], b[t], *gate, self.states, self.buffer, d.buf_slots,
+                                    d.buf_lens, d.read_slots, d.write_slots, check_values=check, out=o[t])
         if (w := gdn.verify) is not None:
             t = slice(w.start, w.end)
-            o[t] = ops.verify(q[t], k[t], v[t], a[t], b[t], *gate, self.states, self.buffer, w.cu_seqlens,
-                              w.buf_slots, w.buf_lens, w.read_slots, check_values=check, max_tokens=w.max_tokens)
+            ops.verify(q[t], k[t], v[t], a[t], b[t], *gate, self.states, self.buffer, w.cu_seqlens, w.buf_slots,
+                       w.buf_lens, w.read_slots, check_values=check, max_tokens=w.max_tokens, out=o[t])
         if (p := gdn.prefill) is not None:
             t = slice(p.start, p.end)
-            o[t] = ops.prefill(q[t], k[t], v[t], a[t], b[t], *gate, self.states, p.cu_seqlens, p.read_slots,
-                               p.write_slots, check_values=check)
+            ops.prefill(q[t], k[t], v[t], a[t], b[t], *gate, self.states, p.cu_seqlens, p.read_slots,
+                        p.write_slots, check_values=check, out=o[t])
         return o

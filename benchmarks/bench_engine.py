@@ -18,6 +18,7 @@ bf16. On CUDA the KVBuffer ops run the Triton kernels. `--device cpu --tiny` is 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -108,34 +109,35 @@ def engine_config(args: argparse.Namespace, batch: int, prompt_len: int, **overr
 
 def measure(core: EngineCore, loaded: LoadedModel, device: torch.device, warmup: int, steps: int
             ) -> tuple[float, float, float, dict[str, int]]:
-    """Seconds per step, per forward and in GDN layers per step, and the timed tokens by decode path."""
+    """Median seconds per step, per forward and in GDN layers per step, and the timed tokens by decode path.
+    Medians, as a host-bound step now and then stalls several times over (allocator, garbage collector)."""
     while any(not s.in_decode for s in core.scheduler.running) or core.scheduler.waiting:
         core.step()  # prefill
     for _ in range(warmup):
         core.step()
-    forward, timer, run = 0.0, GdnTimer(loaded.model, device), core.runner.run
+    timer, run = GdnTimer(loaded.model, device), core.runner.run
+    step_s, forward_s, gdn_s = [], [], []
 
     def timed_run(batch: list[ScheduledSeq]) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
-        nonlocal forward
         sync(device)
         t0 = time.perf_counter()
         out = run(batch)
         sync(device)
-        forward += time.perf_counter() - t0
+        forward_s.append(time.perf_counter() - t0)
         return out
 
     core.runner.run = timed_run
     before = dict(core.stats().tokens_by_path)
-    sync(device)
-    t0 = time.perf_counter()
     for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
         core.step()
-    sync(device)
-    step = (time.perf_counter() - t0) / steps
-    gdn = timer.collect() / steps
+        sync(device)
+        step_s.append(time.perf_counter() - t0)
+        gdn_s.append(timer.collect())
     timer.close()
     paths = {k: v - before[k] for k, v in core.stats().tokens_by_path.items()}
-    return step, forward / steps, gdn, paths
+    return statistics.median(step_s), statistics.median(forward_s), statistics.median(gdn_s), paths
 
 
 def decode_table(args: argparse.Namespace, loaded: LoadedModel, device: torch.device) -> None:
@@ -150,7 +152,8 @@ def decode_table(args: argparse.Namespace, loaded: LoadedModel, device: torch.de
     print("\n### 1. Decode: time per output token and throughput\n")
     print(f"{args.model_desc}; buffer_size {args.buffer_size}, chunk_size {args.chunk_size}.\n")
     print("step: the whole engine step (scheduling, forward, sampling, streaming), = TPOT as every request "
-          "decodes one token per step. GDN share: time inside the Gated DeltaNet layers / forward time.\n")
+          "decodes one token per step; medians over the timed steps. GDN share: time inside the Gated DeltaNet "
+          "layers / forward time.\n")
     print("| batch | decode_mode | path | timed steps | step (ms) | tokens/s | forward (ms) | GDN (ms) "
           "| GDN share | step vs recurrent |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")

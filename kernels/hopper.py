@@ -67,8 +67,9 @@ def step_builds(H: int = 16, HV: int = 32, K: int = 128, V: int = 128, capacity:
     fold_tuning = inspect.signature(fold_triton).parameters
     block_l = decode_tuning["block_l"].default
     BK, BT = step.block(K), step.block(min(tokens, step.MAX_TOKENS_PER_ROUND))
-    BV, block_BV, fold_BV = (min(step.block(V), tuning["block_v"].default)
-                             for tuning in (decode_tuning, block_tuning, fold_tuning))
+    block_BV, fold_BV = (min(step.block(V), tuning["block_v"].default) for tuning in (block_tuning, fold_tuning))
+    (BV, decode_warps), (inline_BV, inline_warps) = ((min(step.block(V), v), w)
+                                                     for v, w in (step.DECODE_TILE, step.INLINE_DECODE_TILE))
     inputs = dict.fromkeys(("q", "k", "v", "a", "b", "out", "buf_keys"), "*" + key_type)
     floats = dict.fromkeys(("A_log", "dt_bias", "states", "buf_values", "weights", "solve", "coefs"), "*fp32")
     ints = dict.fromkeys(("cu_seqlens", "buf_slots", "buf_lens", "read_slots", "write_slots"), "*i32")
@@ -78,7 +79,6 @@ def step_builds(H: int = 16, HV: int = 32, K: int = 128, V: int = 128, capacity:
     fold_shape = dict(H=H, HV=HV, K=K, V=V, L=capacity, BK=BK, BV=fold_BV, KC=min(BK, 32), BL=block_l)
     fold_types = {"states": "*fp32", "buf_keys": "*" + key_type, "buf_values": "*fp32", "weights": "*fp32",
                   "decays": "*fp32", **ints}
-    decode_warps = decode_tuning["num_warps"].default
     block_warps = block_tuning["num_warps"].default
     return [
         Build("decode scores", step._decode_scores_kernel, types, dict(shape, L=capacity, BL=block_l),
@@ -86,7 +86,7 @@ def step_builds(H: int = 16, HV: int = 32, K: int = 128, V: int = 128, capacity:
         Build("decode apply (buffered, flush)", step._decode_apply_kernel, types,
               dict(decode, HAS_BUFFER=True, INLINE_SCORES=False), decode_warps),
         Build("decode apply (one launch, flush)", step._decode_apply_kernel, types,
-              dict(decode, HAS_BUFFER=True, INLINE_SCORES=True), decode_warps),
+              dict(decode, BV=inline_BV, HAS_BUFFER=True, INLINE_SCORES=True), inline_warps),
         Build("decode apply (recurrent)", step._decode_apply_kernel, types,
               dict(decode, L=1, HAS_BUFFER=False, INLINE_SCORES=False), decode_warps),
         Build(f"verify scores (T={tokens})", step._scores_kernel, types,

@@ -32,12 +32,14 @@ from .tiles import NORM_EPS, block, fold_into, gate, l2norm_vec
 Tensor = torch.Tensor
 
 MAX_TOKENS_PER_ROUND = 16
-# warps (and the launchers' default tiles): the fastest of benchmarks/tune_kernels.py's sweep on an H100
+# tiles and warps: the fastest of a `benchmarks/bench_kernels.py --tunings` sweep on an H100 (docs/BENCHMARKS.md)
 DECODE_SCORES_WARPS, SCORES_WARPS = 2, 1
 BLOCK_APPLY_WARPS = 4
+DECODE_TILE = (8, 1)  # (value rows per program, warps) of the decode apply after a scores launch
+INLINE_DECODE_TILE = (16, 2)  # ... and of the single launch, whose programs each weigh the whole buffer
 DOT_FP32 = tl.constexpr("tf32x3")  # fp32 operands on tensor cores at fp32 accuracy
-# decode batches this small weigh the buffer inside the apply launch: one launch instead of two (not yet timed)
-INLINE_SCORES_MAX_REQUESTS = 8
+# decode batches this small weigh the buffer inside the apply launch: one launch instead of two
+INLINE_SCORES_MAX_REQUESTS = 4
 # weights [N, HV, 3, L]: e^{G_t-G_j}/|k_j| (decode: folds raw keys), k-score, q-score (blocks: also of the block's
 # own tokens i <= t, from column n)
 WEIGHT_KINDS = tl.constexpr(3)
@@ -343,17 +345,19 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, states: Tens
 
 def _decode(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, states: Tensor,
             buffer: BufferPool | None, buf_slots: Tensor, buf_lens: Tensor, read_slots: Tensor, write_slots: Tensor,
-            scale: float | None, out: Tensor | None, block_v: int = 8, block_l: int = 16,
-            num_warps: int = 1) -> Tensor:
-    """One token per request; buffer None is the recurrent baseline."""
+            scale: float | None, out: Tensor | None, block_v: int | None = None, block_l: int = 16,
+            num_warps: int | None = None) -> Tensor:
+    """One token per request; buffer None is the recurrent baseline. Tiles default to the launch's own."""
     q, k, v, a, b, out = _prepare(q, k, v, a, b, states, buffer, out)
     (N, H, K), (HV, V) = q.shape, v.shape[1:]
     if N == 0:
         return out
     scale = K ** -0.5 if scale is None else scale
-    BK, BV = block(K), min(block(V), block_v)
     L = 1 if buffer is None else buffer.capacity
     inline = buffer is not None and N <= INLINE_SCORES_MAX_REQUESTS
+    tile_v, tile_warps = INLINE_DECODE_TILE if inline else DECODE_TILE
+    BK, BV = block(K), min(block(V), block_v or tile_v)
+    num_warps = num_warps or tile_warps
     if buffer is None:
         keys = values = decay = weights = coefs = states
     else:

@@ -29,8 +29,7 @@ TOL = 2e-5  # fp32 kernels against fp64
 @pytest.fixture(params=["one launch", "two launches"])
 def decode_launches(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Small decode batches weigh the buffer inside the apply launch; larger ones use a scores launch first."""
-    if request.param == "two launches":
-        monkeypatch.setattr(step, "INLINE_SCORES_MAX_REQUESTS", 0)
+    monkeypatch.setattr(step, "INLINE_SCORES_MAX_REQUESTS", 0 if request.param == "two launches" else 1 << 30)
     return request.param
 
 

@@ -157,10 +157,10 @@ class NativeEngine:
         try:
             while True:
                 self._wake.wait()
+                self._wake.clear()  # before reading any state: a set() from here on is seen by the next wait()
                 if self._stopping:
                     return
                 with self._lock:
-                    self._wake.clear()
                     try:
                         self._drain()
                         outputs = self._core.step()

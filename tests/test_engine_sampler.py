@@ -44,6 +44,14 @@ def generators(seeds: list[int], device: str) -> list[torch.Generator]:
     return [torch.Generator(device).manual_seed(s) for s in seeds]
 
 
+def random_requests(rng: random.Random, V: int, n: int, device: str
+                    ) -> tuple[list[SamplingParams], list[torch.Generator], list[torch.Generator]]:
+    """n requests' sampling parameters and two identically seeded generators each (one for the oracle)."""
+    params = [random_params(rng, V) for _ in range(n)]
+    seeds = [rng.randrange(2**62) for _ in range(n)]
+    return params, generators(seeds, device), generators(seeds, device)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_batched_filtering_is_the_per_request_filtering(device):
     seed = fresh_seed()
@@ -64,9 +72,7 @@ def test_seeded_draws_are_those_of_multinomial_on_the_requests_generator(device)
     seed = fresh_seed()
     rng = random.Random(seed)
     V, n = rng.randrange(2, 300), rng.randrange(1, 12)
-    params = [random_params(rng, V) for _ in range(n)]
-    seeds = [rng.randrange(2**62) for _ in range(n)]
-    gens, oracle_gens = generators(seeds, device), generators(seeds, device)
+    params, gens, oracle_gens = random_requests(rng, V, n, device)
     for step in range(4):
         takes = [rng.choice([0, 1, 1]) for _ in range(n)]
         spans = [(sum(takes[:i]), k) for i, k in enumerate(takes)]
@@ -91,9 +97,7 @@ def test_a_requests_tokens_do_not_depend_on_the_rest_of_the_batch(device):
     seed = fresh_seed()
     rng = random.Random(seed)
     V, n = rng.randrange(3, 60), rng.randrange(2, 16)
-    params = [random_params(rng, V) for _ in range(n)]
-    seeds = [rng.randrange(2**62) for _ in range(n)]
-    gens, alone_gens = generators(seeds, device), generators(seeds, device)
+    params, gens, alone_gens = random_requests(rng, V, n, device)
     for step in range(3):
         logits, drafts, spans, start = [], [], [], 0
         for _ in range(n):

@@ -92,7 +92,8 @@ def step_builds(H: int = 16, HV: int = 32, K: int = 128, V: int = 128, capacity:
         Build(f"verify scores (T={tokens})", step._scores_kernel, types,
               dict(shape, L=capacity, BL=block_l, BT=BT, PRECISION="tf32"), step.SCORES_WARPS),
         Build(f"verify apply (T={tokens})", step._block_apply_kernel, types,
-              dict(shape, V=V, L=capacity, BV=block_BV, BL=block_l, BT=BT, EXACT_INPUTS=key_type != "fp32"),
+              dict(shape, V=V, L=capacity, BV=block_BV, BL=block_l, BT=BT, EXACT_INPUTS=key_type != "fp32",
+                   KC=min(BK, step.VERIFY_K_CHUNK), STAGES=step.VERIFY_STAGES),
               block_warps),
         Build("fold", _fold_kernel, fold_types, fold_shape, fold_tuning["num_warps"].default),
     ]

@@ -12,7 +12,8 @@ speed with few registers live:
 2. Apply, one program per (value tile, request, value head), reads its checkpoint tile once:
        d_t = beta_t (v_t - e^{G_t} S0^T k_t - sum_j w_k[t, j] d_j),   o_t = e^{G_t} S0^T q_t + sum_j w_q[t, j] d_j
    `_decode_apply_kernel` (one token) streams the buffered corrected values once and fuses the flush.
-   `_block_apply_kernel` computes a whole block with matrix products: S0 against all T keys and queries, the
+   `_block_apply_kernel` computes a whole block with matrix products: S0 against all T keys and queries (S0
+   streamed in pipelined key chunks, so its loads overlap the products and few registers hold it), the
    buffer's values against all T weight rows in one pass, then D = (I + diag(beta) A)^{-1} diag(beta) X and
    O = e^{G} Q S0 + W_q D, so no token waits for the one before it.
 Decode batches of at most INLINE_SCORES_MAX_REQUESTS requests skip the scores launch: each apply program weighs
@@ -35,6 +36,7 @@ MAX_TOKENS_PER_ROUND = 16
 # tiles and warps: the fastest of a `benchmarks/bench_kernels.py --tunings` sweep on an H100 (docs/BENCHMARKS.md)
 DECODE_SCORES_WARPS, SCORES_WARPS = 2, 1
 BLOCK_APPLY_WARPS = 4
+VERIFY_K_CHUNK, VERIFY_STAGES = 32, 3  # the block apply streams the checkpoint in key chunks, pipelined
 DECODE_TILE = (8, 1)  # (value rows per program, warps) of the decode apply after a scores launch
 INLINE_DECODE_TILE = (16, 2)  # ... and of the single launch, whose programs each weigh the whole buffer
 DOT_FP32 = tl.constexpr("tf32x3")  # fp32 operands on tensor cores at fp32 accuracy
@@ -271,28 +273,40 @@ def _block_apply_kernel(
     offset, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, BT: tl.constexpr, EXACT_INPUTS: tl.constexpr,
+    KC: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """A block of up to BT tokens per request as matrix products; the checkpoint and the buffer read once."""
+    """A block of up to BT tokens per request as matrix products; the checkpoint and the buffer read once.
+
+    S0^T k_t and S0^T q_t come from the raw inputs, normalized after the product."""
     i_v, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hk = i_h // (HV // H)
     first, T = _round(cu_seqlens, offset, i_b, BT)
     if T > 0:
-        offs_k, offs_t = tl.arange(0, BK), tl.arange(0, BT)
-        offs_v = i_v * BV + tl.arange(0, BV)
-        mask_k, mask_v, mask_t = offs_k < K, offs_v < V, offs_t < T
+        offs_t, offs_v = tl.arange(0, BT), i_v * BV + tl.arange(0, BV)
+        mask_v, mask_t = offs_v < V, offs_t < T
         tok = (first + offs_t).to(tl.int64)
         read = tl.load(read_slots + i_b).to(tl.int64)
-        S0 = tl.load(states + tl.maximum(read, 0) * HV * V * K + i_h * V * K + offs_v[:, None] * K + offs_k[None, :],
-                     mask=(offs_v < tl.where(read >= 0, V, 0))[:, None] & mask_k[None, :], other=0.0)
-        mask_tk = mask_t[:, None] & mask_k[None, :]
-        Kt = tl.load(k + (tok[:, None] * H + i_hk) * K + offs_k[None, :], mask=mask_tk, other=0.0).to(tl.float32)
-        Qt = tl.load(q + (tok[:, None] * H + i_hk) * K + offs_k[None, :], mask=mask_tk, other=0.0).to(tl.float32)
+        rows_held = tl.where(read >= 0, V, 0)
+        S0_rows = states + tl.maximum(read, 0) * HV * V * K + i_h * V * K + offs_v[:, None] * K
         eG = tl.load(coefs + (tok * HV + i_h) * COEFS, mask=mask_t, other=0.0)
-        # S0^T k_t and S0^T q_t for every token from the raw inputs, normalized after the product
-        S0_hi, S0_lo = _split_tf32(tl.trans(S0))
-        KS = _dot_fp32(Kt, S0_hi, S0_lo, EXACT_INPUTS) * (eG * tl.rsqrt(tl.sum(Kt * Kt, axis=1) + NORM_EPS))[:, None]
-        QS = _dot_fp32(Qt, S0_hi, S0_lo, EXACT_INPUTS)
-        QS *= (eG * tl.rsqrt(tl.sum(Qt * Qt, axis=1) + NORM_EPS) * scale)[:, None]
+        KS = tl.zeros([BT, BV], dtype=tl.float32)
+        QS = tl.zeros([BT, BV], dtype=tl.float32)
+        kk = tl.zeros([BT], dtype=tl.float32)
+        qq = tl.zeros([BT], dtype=tl.float32)
+        for kc in tl.range(0, BK, KC, num_stages=STAGES):  # the checkpoint streamed in key chunks
+            offs_c = kc + tl.arange(0, KC)
+            mask_c = offs_c < K
+            S0 = tl.load(S0_rows + offs_c[None, :], mask=(offs_v < rows_held)[:, None] & mask_c[None, :], other=0.0)
+            S0_hi, S0_lo = _split_tf32(tl.trans(S0))
+            mask_tc = mask_t[:, None] & mask_c[None, :]
+            Kc = tl.load(k + (tok[:, None] * H + i_hk) * K + offs_c[None, :], mask=mask_tc, other=0.0).to(tl.float32)
+            Qc = tl.load(q + (tok[:, None] * H + i_hk) * K + offs_c[None, :], mask=mask_tc, other=0.0).to(tl.float32)
+            kk += tl.sum(Kc * Kc, axis=1)
+            qq += tl.sum(Qc * Qc, axis=1)
+            KS += _dot_fp32(Kc, S0_hi, S0_lo, EXACT_INPUTS)
+            QS += _dot_fp32(Qc, S0_hi, S0_lo, EXACT_INPUTS)
+        KS *= (eG * tl.rsqrt(kk + NORM_EPS))[:, None]
+        QS *= (eG * tl.rsqrt(qq + NORM_EPS) * scale)[:, None]
 
         slot = tl.load(buf_slots + i_b).to(tl.int64)
         n = tl.load(buf_lens + i_b) + offset
@@ -400,7 +414,7 @@ def _blocks(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor
         _block_apply_kernel[(triton.cdiv(V, BV), n_req, HV)](
             q, k, v, out, states, buffer.values, cu_seqlens, buf_slots, buf_lens, read_slots, weights, solve, coefs,
             offset, scale, H=H, HV=HV, K=K, V=V, L=L, BK=BK, BV=BV, BL=block_l, BT=BT, EXACT_INPUTS=exact,
-            num_warps=num_warps)
+            KC=min(BK, VERIFY_K_CHUNK), STAGES=VERIFY_STAGES, num_warps=num_warps)
     return out
 
 

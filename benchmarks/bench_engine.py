@@ -2,7 +2,8 @@
 
 Tables (markdown, to paste into docs/BENCHMARKS.md):
   1. decode throughput and time per output token at batch 1..256: kvbuffer (buffered and stateless paths) vs
-     recurrent, with the share of forward time spent in the Gated DeltaNet layers;
+     recurrent, decode steps replayed from CUDA graphs (`--no-cuda-graphs`: eager), with the share of the
+     forward's device time spent in the Gated DeltaNet layers (torch.profiler over eager steps);
   2. maximum concurrent requests under one fixed state-memory budget with 4 speculative draft tokens:
      KVBuffer (checkpoint + buffer) vs a recurrent baseline that keeps one state per draft token;
   3. state memory held per request, measured on the engine, for contexts under buffer_size and beyond.
@@ -12,6 +13,7 @@ heads of dim 128; attention 16 heads, 2 KV heads of dim 256) with fewer layers a
 bf16. On CUDA the KVBuffer ops run the Triton kernels. `--device cpu --tiny` is the CPU smoke test.
 
     python benchmarks/bench_engine.py                      # GPU, full tables
+    python benchmarks/bench_engine.py --no-cuda-graphs     # table 1 with every step eager, to compare
     python benchmarks/bench_engine.py --device cpu --tiny  # smoke test on the embedded tiny model
 """
 
@@ -20,18 +22,24 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+from kvbuffer.kernels.fold import _fold_kernel
+from kvbuffer.kernels.step import _block_apply_kernel, _decode_apply_kernel, _decode_scores_kernel, _scores_kernel
 from kvbuffer.service.engine.api import GenerateRequest, SamplingParams
 from kvbuffer.service.engine.config import EngineConfig
 from kvbuffer.service.engine.core import EngineCore, dtype_name
 from kvbuffer.service.engine.memory import buffer_bytes, state_bytes
 from kvbuffer.service.engine.scheduler import ScheduledSeq
 from kvbuffer.service.model import LoadedModel, ModelConfig, empty_model, tiny
-from kvbuffer.service.model.gdn import GatedDeltaNet
 from kvbuffer.service.model.tokenizer import ByteTokenizer
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
 
 MiB = 2**20
+T = TypeVar("T")
 
 # Qwen3-Next-80B-A3B's shapes, 8 layers (3 GDN : 1 attention, as in the real model) and 32 of its 512 experts
 BENCH_MODEL = {
@@ -59,35 +67,48 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-class GdnTimer:
-    """Time spent inside GatedDeltaNet layers (CUDA events on GPU, wall clock on CPU)."""
+def annotated(fn: Callable[..., T], name: str) -> Callable[..., T]:
+    """`fn` with each call recorded as a torch.profiler range called `name`."""
+    def call(*args, **kwargs) -> T:
+        with record_function(name):
+            return fn(*args, **kwargs)
+    return call
 
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
-        self.cuda, self.spans, self.total = device.type == "cuda", [], 0.0
-        self.handles = []
-        for m in model.modules():
-            if isinstance(m, GatedDeltaNet):
-                self.handles.append(m.register_forward_pre_hook(lambda *_: self._mark()))
-                self.handles.append(m.register_forward_hook(lambda *_: self._mark()))
 
-    def _mark(self) -> None:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.spans.append(event)
-        else:
-            self.spans.append(time.perf_counter())
+# the Triton kernels behind kvbuffer.kernels.ops (decode, verify, fold; prefill is fla-core's)
+KVBUFFER_KERNELS = {kernel.fn.__name__ for kernel in (_decode_scores_kernel, _decode_apply_kernel, _scores_kernel,
+                                                     _block_apply_kernel, _fold_kernel)}
 
-    def collect(self) -> float:
-        """Seconds in GDN layers since the last collect (call after a device sync)."""
-        pairs = zip(self.spans[::2], self.spans[1::2], strict=True)
-        t = sum(a.elapsed_time(b) / 1e3 if self.cuda else b - a for a, b in pairs)
-        self.spans = []
-        return t
 
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
+def profile_gdn(core: EngineCore, device: torch.device, steps: int) -> tuple[float, float, float]:
+    """Device seconds per step in the Gated DeltaNet layers, in the whole forward, and in the KVBuffer kernels
+    (CPU seconds on CPU, no kernel split), from torch.profiler over `steps` eager steps: inside a replayed CUDA
+    graph the layers cannot be told apart, and the eager steps launch the same kernels. torch ops count toward
+    the range of the call that launched them; Triton launches bypass torch's op tracking, so the ranges miss the
+    KVBuffer kernels, which are added to both by kernel name."""
+    runner, layers = core.runner, core.loaded.model.gdn_layers()
+    graphs, run = runner.graphs, runner.run
+    runner.graphs, runner.run = None, annotated(run, "forward")
+    for layer in layers:
+        layer.forward = annotated(layer.forward, "gdn")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    try:
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                core.step()
+            sync(device)
+    finally:
+        runner.graphs, runner.run = graphs, run
+        for layer in layers:
+            del layer.forward  # the class's forward again
+    seconds = {"gdn": 0.0, "forward": 0.0}
+    kernels = 0.0
+    for event in prof.events():
+        if event.name in seconds and event.device_type == DeviceType.CPU:  # not the GPU-side copy of a range
+            seconds[event.name] += (event.device_time_total if device.type == "cuda" else event.cpu_time_total) / 1e6
+        elif event.name in KVBUFFER_KERNELS and event.device_type == DeviceType.CUDA:
+            kernels += event.time_range.elapsed_us() / 1e6
+    return (seconds["gdn"] + kernels) / steps, (seconds["forward"] + kernels) / steps, kernels / steps
 
 
 def add_requests(core: EngineCore, batch: int, prompt_len: int, new_tokens: int, seed: int = 0) -> None:
@@ -100,23 +121,28 @@ def add_requests(core: EngineCore, batch: int, prompt_len: int, new_tokens: int,
 
 
 def engine_config(args: argparse.Namespace, batch: int, prompt_len: int, **overrides) -> EngineConfig:
+    """Every step of a table 1 run fits one batch; decode steps replay CUDA graphs unless --no-cuda-graphs."""
     return EngineConfig(device=args.device, dtype=args.dtype, buffer_size=args.buffer_size,
                         chunk_size=args.chunk_size, max_running_requests=batch,
                         max_num_batched_tokens=max(2048, batch * prompt_len),
-                        max_context_length=prompt_len + args.warmup + args.chunk_size + args.steps + 64,
-                        memory_budget_bytes=args.memory_budget_mib * MiB, **overrides)
+                        max_context_length=prompt_len + args.warmup + 2 * args.chunk_size + args.steps + 64,
+                        memory_budget_bytes=args.memory_budget_mib * MiB,
+                        cuda_graph_max_batch=0 if args.no_cuda_graphs else batch, **overrides)
 
 
-def measure(core: EngineCore, loaded: LoadedModel, device: torch.device, warmup: int, steps: int
-            ) -> tuple[float, float, float, dict[str, int]]:
-    """Median seconds per step, per forward and in GDN layers per step, and the timed tokens by decode path.
-    Medians, as a host-bound step now and then stalls several times over (allocator, garbage collector)."""
+def measure(core: EngineCore, device: torch.device, warmup: int, profiled: int, steps: int
+            ) -> tuple[float, float, float, float, float, dict[str, int]]:
+    """Median seconds per step and per forward over `steps` timed steps, the device seconds per step in GDN layers,
+    in the forward and in the KVBuffer kernels from `profiled` eager steps before them (`profile_gdn`), and the
+    timed tokens by decode path. Medians, as a host-bound step now and then stalls several times over (allocator,
+    garbage collector, the capture of a CUDA graph for a new shape)."""
     while any(not s.in_decode for s in core.scheduler.running) or core.scheduler.waiting:
         core.step()  # prefill
     for _ in range(warmup):
         core.step()
-    timer, run = GdnTimer(loaded.model, device), core.runner.run
-    step_s, forward_s, gdn_s = [], [], []
+    gdn, device_forward, kernels = profile_gdn(core, device, profiled)
+    run = core.runner.run
+    step_s, forward_s = [], []
 
     def timed_run(batch: list[ScheduledSeq]) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
         sync(device)
@@ -134,43 +160,50 @@ def measure(core: EngineCore, loaded: LoadedModel, device: torch.device, warmup:
         core.step()
         sync(device)
         step_s.append(time.perf_counter() - t0)
-        gdn_s.append(timer.collect())
-    timer.close()
     paths = {k: v - before[k] for k, v in core.stats().tokens_by_path.items()}
-    return statistics.median(step_s), statistics.median(forward_s), statistics.median(gdn_s), paths
+    return statistics.median(step_s), statistics.median(forward_s), gdn, device_forward, kernels, paths
 
 
 def decode_table(args: argparse.Namespace, loaded: LoadedModel, device: torch.device) -> None:
     """Steps timed once every request decodes. Buffered and recurrent: warm-up includes a flush (kernel
-    variants compile on first use) and the timed steps, a multiple of chunk_size, include flushes at their
-    real rate. Stateless: as many steps as keep the context under buffer_size."""
-    long_prompt, short_prompt = args.buffer_size + 32, 8
-    stateless_steps = min(args.steps, args.buffer_size - short_prompt - args.warmup - 2)
-    variants = [("recurrent", "recurrent", long_prompt, args.warmup + args.chunk_size, args.steps),
-                ("kvbuffer", "buffered", long_prompt, args.warmup + args.chunk_size, args.steps),
-                ("kvbuffer", "stateless", short_prompt, args.warmup, stateless_steps)]
+    variants compile on first use), the profiled steps are one chunk_size (one flush at its real rate), and the
+    timed steps, a multiple of chunk_size, include flushes at their real rate. Stateless: 8 profiled steps and as
+    many timed steps as keep the context under buffer_size."""
+    long_prompt, short_prompt, few = args.buffer_size + 32, 8, 8
+    stateless_steps = min(args.steps, args.buffer_size - short_prompt - args.warmup - few - 2)
+    variants = [("recurrent", "recurrent", long_prompt, args.warmup + args.chunk_size, few, args.steps),
+                ("kvbuffer", "buffered", long_prompt, args.warmup + args.chunk_size, args.chunk_size, args.steps),
+                ("kvbuffer", "stateless", short_prompt, args.warmup, few, stateless_steps)]
+    graphs = "off: every step eager" if args.no_cuda_graphs else "on: decode steps replay CUDA graphs"
     print("\n### 1. Decode: time per output token and throughput\n")
-    print(f"{args.model_desc}; buffer_size {args.buffer_size}, chunk_size {args.chunk_size}.\n")
+    print(f"{args.model_desc}; buffer_size {args.buffer_size}, chunk_size {args.chunk_size}; CUDA graphs {graphs}.\n")
     print("step: the whole engine step (scheduling, forward, sampling, streaming), = TPOT as every request "
-          "decodes one token per step; medians over the timed steps. GDN share: time inside the Gated DeltaNet "
-          "layers / forward time.\n")
-    print("| batch | decode_mode | path | timed steps | step (ms) | tokens/s | forward (ms) | GDN (ms) "
-          "| GDN share | step vs recurrent |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "decodes one token per step; forward: the model runner's call (graph replay or eager forward, then the "
+          "logits); medians over the timed steps. GDN, forward and KVBuffer kernels device: kernel time per step "
+          "inside the Gated DeltaNet layers, in the whole forward, and in the KVBuffer (or recurrent) kernels alone "
+          "(CPU time on a CPU), GDN share the first two's ratio, from torch.profiler over eager steps run just "
+          "before the timed ones (inside a replayed graph the layers cannot be told apart; eager steps launch the "
+          "same kernels).\n")
+    print("| batch | decode_mode | path | timed steps | step (ms) | tokens/s | forward (ms) | GDN device (ms) "
+          "| forward device (ms) | GDN share | KVBuffer kernels device (ms) | step vs recurrent |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for batch in args.batches:
         base = None
-        for mode, path, prompt_len, warmup, steps in variants:
+        for mode, path, prompt_len, warmup, profiled, steps in variants:
             core = EngineCore(engine_config(args, batch, prompt_len, decode_mode=mode), loaded)
             if core.plan.request_slots < batch:
-                print(f"| {batch} | {mode} | {path} | memory budget too small (--memory-budget-mib) | | | | | | |")
+                print(f"| {batch} | {mode} | {path} | memory budget too small (--memory-budget-mib) "
+                      "| | | | | | | | |")
                 continue
-            add_requests(core, batch, prompt_len, warmup + steps + 2)
-            step, forward, gdn, paths = measure(core, loaded, device, warmup, steps)
+            add_requests(core, batch, prompt_len, warmup + profiled + steps + 2)
+            step, forward, gdn, device_forward, kernels, paths = measure(core, device, warmup, profiled, steps)
             assert paths[path] == batch * steps, f"timed tokens by path: {paths}, expected all {path}"
+            assert args.no_cuda_graphs or core.runner.graphs.steps, "CUDA graphs on, yet no decode step used one"
             base = step if mode == "recurrent" else base
             ratio = f"{step / base:.2f}" if base else "-"
             print(f"| {batch} | {mode} | {path} | {steps} | {step * 1e3:.2f} | {batch / step:.0f} | "
-                  f"{forward * 1e3:.2f} | {gdn * 1e3:.2f} | {gdn / forward:.0%} | {ratio} |", flush=True)
+                  f"{forward * 1e3:.2f} | {gdn * 1e3:.2f} | {device_forward * 1e3:.2f} | {gdn / device_forward:.0%} "
+                  f"| {kernels * 1e3:.2f} | {ratio} |", flush=True)
 
 
 def concurrency_table(args: argparse.Namespace, cfg: ModelConfig, dtype: torch.dtype) -> None:
@@ -230,6 +263,8 @@ def main() -> None:
     p.add_argument("--memory-budget-mib", type=int, help="engine pool budget (default 40960; tiny: 256)")
     p.add_argument("--state-budget-mib", type=int, default=8192, help="state-memory budget of table 2")
     p.add_argument("--tables", default="123", help="which tables to print, e.g. 13")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="table 1 with every step eager (cuda_graph_max_batch=0), to compare with graph replay")
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -74,6 +74,7 @@ BAD_SETTINGS = [
     (["--speculative-algorithm", "ngram", "--decode-mode", "recurrent"], {},
      "speculative_algorithm: speculative decoding needs decode_mode=kvbuffer"),
     ([], {"KVBUFFER_MAX_RUNNING_REQUESTS": "0"}, "max_running_requests: Input should be greater than or equal to 1"),
+    (["--cuda-graph-max-batch", "-1"], {}, "cuda_graph_max_batch: Input should be greater than or equal to 0"),
     (["--shutdown-grace-period-s", "-1"], {}, "shutdown_grace_period_s: Input should be greater than 0"),
     (["--tls-cert-file", "/nonexistent.pem"], {}, "tls.cert_file: Path does not point to a file"),
 ]

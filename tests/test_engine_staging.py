@@ -64,6 +64,29 @@ def test_staging_hands_back_each_part_by_its_index(device):
         assert torch.equal(sent[index[i]].cpu(), torch.tensor(part, dtype=torch.int64)), f"seed {seed}"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_staging_into_a_kept_buffer_reuses_its_addresses(device):
+    """What a CUDA graph needs: parts of the same shapes land at the same addresses of the caller's buffer."""
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    shapes = random_parts(rng, floats=False)
+    into = None
+    for _ in range(3):
+        stage = HostStaging(torch.device(device))
+        parts = [[[rng.randrange(2**40) for _ in row] for row in p] if p and isinstance(p[0], list) else
+                 [rng.randrange(2**40) for _ in p] for p in shapes]
+        for part in parts:
+            stage.add(part)
+        into = into if into is not None else torch.empty(stage.size(), dtype=torch.int64, device=device)
+        sent = stage.send(into=into)
+        for part, t in zip(parts, sent, strict=True):
+            assert torch.equal(t.cpu(), torch.tensor(part, dtype=torch.int64)), f"seed {seed}"
+            assert t.untyped_storage().data_ptr() == into.untyped_storage().data_ptr(), f"seed {seed}"
+    stage.add([1])
+    with pytest.raises(ValueError, match="shapes changed"):
+        stage.send(into=into)
+
+
 def test_nothing_but_empty_parts():
     sent = pack([[], [[]], []], torch.device("cpu"))
     assert [tuple(t.shape) for t in sent] == [(0,), (1, 0), (0,)]

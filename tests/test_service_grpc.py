@@ -97,7 +97,8 @@ def test_model_info_and_server_config(server: RunningServer) -> None:
     assert config.engine == "native"
     assert (config.buffer_size, config.chunk_size, config.decode_mode) == (settings.buffer_size, settings.chunk_size,
                                                                            settings.decode_mode)
-    assert config.max_waiting_requests == settings.max_waiting_requests
+    assert (config.max_waiting_requests, config.cuda_graph_max_batch) == (settings.max_waiting_requests,
+                                                                          settings.cuda_graph_max_batch)
 
 
 def test_health_is_serving(server: RunningServer) -> None:

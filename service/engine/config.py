@@ -24,6 +24,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # token budget of one engine step (prefill chunks + decodes)
     max_context_length: int = 4096
     memory_budget_bytes: int = 512 * 2**20  # state, buffer and KV-cache pools are sized from this at start
+    cuda_graph_max_batch: int = 256  # decode steps of up to this many requests replay CUDA graphs; 0: never
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -34,6 +35,9 @@ class EngineConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cuda_graph_max_batch < 0:
+            raise ValueError(f"cuda_graph_max_batch must be >= 0 (0 turns CUDA graphs off), got "
+                             f"{self.cuda_graph_max_batch}")
         drafts = self.speculative_num_draft_tokens if self.speculative_algorithm != "none" else 0
         if not 0 <= self.speculative_num_draft_tokens <= 16:
             raise ValueError(f"speculative_num_draft_tokens must be in 0..16, got "

@@ -7,6 +7,7 @@ commit what was kept to the state manager (buffer lengths, conv states, KV block
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict
 
 import torch
@@ -14,6 +15,7 @@ import torch
 from ..model import LoadedModel, load_model
 from .api import EngineStats, FinishReason, GenerateChunk, GenerateRequest, ModelInfo, RequestStats
 from .config import EngineConfig
+from .cuda_graphs import DecodeGraphs
 from .drafter import propose_ngram
 from .memory import MemoryManager, plan_memory
 from .model_runner import ModelRunner
@@ -56,6 +58,11 @@ class EngineCore:
         self.memory = MemoryManager(self.loaded.model, config, self.plan, self.device, self.dtype)
         self.num_drafts = config.speculative_num_draft_tokens if config.speculative_algorithm == "ngram" else 0
         self.runner = ModelRunner(self.loaded.model, self.plan.block_size, short_query=1 + self.num_drafts)
+        if self.plan.scratch is not None:  # cuda_graph_max_batch > 0
+            self.runner.graphs = DecodeGraphs(self.runner, self.plan.scratch,
+                                              min(config.cuda_graph_max_batch, config.max_running_requests),
+                                              math.ceil(config.max_context_length / self.plan.block_size),
+                                              capture=self.device.type == "cuda")
         self.scheduler = Scheduler(config, self.memory)
         self.requests: dict[str, Sequence] = {}
         self._seeds = torch.Generator().manual_seed(config.seed)  # for requests without a seed

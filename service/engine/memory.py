@@ -4,6 +4,10 @@ Per GDN layer: a checkpoint pool `[state slots, HV, V, K]` fp32, a BufferPool an
 by request slot). Per full-attention layer: a paged KV cache of `block_size`-token blocks. A running request
 holds one request slot, the KV blocks its context covers, and a checkpoint slot only once its context
 outgrows the buffer (or always, with decode_mode=recurrent). Nothing grows after start.
+
+With CUDA graphs on (cuda_graph_max_batch > 0) each pool also has scratch entries that no request ever holds: the
+padding rows of a padded decode step (cuda_graphs.py) read and write there only. They are paid for from the same
+budget.
 """
 
 from __future__ import annotations
@@ -24,8 +28,19 @@ BLOCK_SIZE = 16
 
 
 @dataclass(frozen=True)
+class Scratch:
+    """The entries padding rows use, past those requests hold: a request slot (its buffer and conv states), a KV
+    block, and a checkpoint slot with decode_mode=recurrent, whose decode reads and writes one; -1 with kvbuffer,
+    whose padding reads no checkpoint and flushes none."""
+
+    request_slot: int
+    state_slot: int
+    kv_block: int
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
-    """Pool sizes and what one slot of each costs, over all layers."""
+    """Pool sizes (the entries requests may hold) and what one entry of each costs, over all layers."""
 
     request_slots: int
     state_slots: int
@@ -34,11 +49,19 @@ class MemoryPlan:
     request_slot_bytes: int  # buffers + conv states
     state_slot_bytes: int  # checkpoints
     kv_block_bytes: int
+    scratch: Scratch | None = None  # with CUDA graphs on: one more entry in the pools, for padding rows
+
+    @property
+    def allocated(self) -> tuple[int, int, int]:
+        """Request slots, checkpoint slots and KV blocks allocated: those requests hold, then the scratch ones."""
+        if self.scratch is None:
+            return self.request_slots, self.state_slots, self.kv_blocks
+        return self.request_slots + 1, self.state_slots + int(self.scratch.state_slot >= 0), self.kv_blocks + 1
 
     @property
     def total_bytes(self) -> int:
-        return (self.request_slots * self.request_slot_bytes + self.state_slots * self.state_slot_bytes
-                + self.kv_blocks * self.kv_block_bytes)
+        requests, states, blocks = self.allocated
+        return requests * self.request_slot_bytes + states * self.state_slot_bytes + blocks * self.kv_block_bytes
 
 
 def buffer_bytes(cfg: ModelConfig, ec: EngineConfig, dtype: torch.dtype) -> int:
@@ -77,23 +100,30 @@ def slot_bytes(cfg: ModelConfig, ec: EngineConfig, dtype: torch.dtype) -> tuple[
 def plan_memory(cfg: ModelConfig, ec: EngineConfig, dtype: torch.dtype) -> MemoryPlan:
     """Sizes the pools from the budget.
 
-    The KV cache first gets room for one request of max_context_length (so any single request can always
-    run). Every request slot comes with a checkpoint slot, so admitted requests never wait on checkpoints;
-    the number of request slots is what the rest of the budget affords, capped at max_running_requests.
-    The KV cache takes the remainder, capped at what the request slots could ever use.
+    With CUDA graphs on, the scratch entries of padding rows come out of the budget first. Then the KV cache
+    gets room for one request of max_context_length (so any single request can always run). Every request slot
+    comes with a checkpoint slot, so admitted requests never wait on checkpoints; the number of request slots is
+    what the rest of the budget affords, capped at max_running_requests. The KV cache takes the remainder,
+    capped at what the request slots could ever use.
     """
     req, state, block = slot_bytes(cfg, ec, dtype)
+    graphs = ec.cuda_graph_max_batch > 0
+    scratch_state = graphs and ec.decode_mode == "recurrent"
+    reserved = (req + block if graphs else 0) + (state if scratch_state else 0)
+    budget = ec.memory_budget_bytes - reserved
     blocks_per_request = math.ceil(ec.max_context_length / BLOCK_SIZE)
-    left = ec.memory_budget_bytes - blocks_per_request * block
+    left = budget - blocks_per_request * block
     slots = min(ec.max_running_requests, left // (req + state)) if left > 0 else 0
     if slots < 1:
-        need = blocks_per_request * block + req + state
+        need = reserved + blocks_per_request * block + req + state
         raise ValueError(f"memory_budget_bytes ({ec.memory_budget_bytes}) is too small: one request of "
-                         f"max_context_length {ec.max_context_length} needs {need} bytes")
+                         f"max_context_length {ec.max_context_length} needs {need} bytes"
+                         + (" (with the scratch entries of cuda_graph_max_batch)" if graphs else ""))
     blocks = blocks_per_request
     if block:
-        blocks = min(blocks_per_request * slots, (ec.memory_budget_bytes - slots * (req + state)) // block)
-    return MemoryPlan(slots, slots, blocks, BLOCK_SIZE, req, state, block)
+        blocks = min(blocks_per_request * slots, (budget - slots * (req + state)) // block)
+    scratch = Scratch(slots, slots if scratch_state else -1, blocks) if graphs else None
+    return MemoryPlan(slots, slots, blocks, BLOCK_SIZE, req, state, block, scratch)
 
 
 class MemoryManager:
@@ -103,15 +133,16 @@ class MemoryManager:
                  device: torch.device, dtype: torch.dtype) -> None:
         cfg = model.config
         self.config, self.plan = ec, plan
+        request_slots, state_slots, kv_blocks = plan.allocated
         for layer in model.gdn_layers():
-            layer.states = new_state_pool(plan.state_slots, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+            layer.states = new_state_pool(state_slots, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                                           cfg.linear_value_head_dim, device=device)
             layer.buffer = None if ec.decode_mode == "recurrent" else BufferPool.allocate(
-                plan.request_slots, ec.buffer_size, cfg.linear_num_key_heads, cfg.linear_num_value_heads,
+                request_slots, ec.buffer_size, cfg.linear_num_key_heads, cfg.linear_num_value_heads,
                 cfg.linear_key_head_dim, cfg.linear_value_head_dim, key_dtype=dtype, device=device)
-            layer.conv_state = torch.zeros(plan.request_slots, cfg.linear_conv_kernel_dim - 1, cfg.conv_dim,
+            layer.conv_state = torch.zeros(request_slots, cfg.linear_conv_kernel_dim - 1, cfg.conv_dim,
                                            device=device, dtype=dtype)
-        rows = plan.kv_blocks * plan.block_size
+        rows = kv_blocks * plan.block_size
         for layer in model.attention_layers():
             layer.k_cache = torch.zeros(rows, cfg.num_key_value_heads, cfg.head_dim, device=device, dtype=dtype)
             layer.v_cache = torch.zeros_like(layer.k_cache)

@@ -3,7 +3,8 @@
 Requests are ordered by GDN operation (decode, verify, prefill) so each KVBuffer call covers one contiguous
 token range. Speculative steps keep the conv inputs so `rollback` can rewind conv states to what was accepted.
 Every index tensor of a step is planned as a Python list first and reaches the device in one `HostStaging` copy
-that the host does not wait for (see staging.py).
+that the host does not wait for (see staging.py). Steps where every request decodes one token go to `graphs`
+when it is set (cuda_graphs.py: padded to a fixed shape, replayed from a CUDA graph on a GPU).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 from itertools import accumulate
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,7 +21,13 @@ from ..model.batch import AttentionGroup, DecodeCall, FoldCall, ForwardBatch, Gd
 from .scheduler import ScheduledSeq
 from .staging import HostStaging, pack
 
+if TYPE_CHECKING:
+    from .cuda_graphs import DecodeGraphs
+
 _OP_ORDER = {"decode": 0, "verify": 1, "prefill": 2}
+
+# builds a step's model inputs (token ids, ForwardBatch) from the tensors its HostStaging sent
+Inputs = Callable[[list[torch.Tensor]], tuple[torch.Tensor, ForwardBatch]]
 
 
 class ModelRunner:
@@ -29,6 +37,7 @@ class ModelRunner:
         self.device = model.lm_head.weight.device
         self.kk = model.config.linear_conv_kernel_dim - 1
         self._gdn: GdnBatch | None = None
+        self.graphs: DecodeGraphs | None = None  # set by the engine when cuda_graph_max_batch > 0
 
     def order(self, batch: list[ScheduledSeq]) -> list[ScheduledSeq]:
         return sorted(batch, key=lambda s: _OP_ORDER[s.step.op])
@@ -37,9 +46,10 @@ class ModelRunner:
         bs = self.block_size
         return [block_table[p // bs] * bs + p % bs for p in positions]
 
-    def _attention(self, batch: list[ScheduledSeq], starts: list[int], stage: HostStaging
+    def _attention(self, batch: list[ScheduledSeq], starts: list[int], stage: HostStaging, key_blocks: int | None
                    ) -> list[tuple[int, int, int]]:
-        """Stages each attention group's query rows, query positions and block tables; their indices in `stage`."""
+        """Stages each attention group's query rows, query positions and block tables; their indices in `stage`.
+        Keys span the group's longest context in whole blocks, or `key_blocks` blocks if given (a fixed shape)."""
         short = [i for i, s in enumerate(batch) if s.n <= self.short_query]
         groups = [short] if short else []
         groups += [[i] for i, s in enumerate(batch) if s.n > self.short_query]
@@ -47,7 +57,7 @@ class ModelRunner:
         for members in groups:
             Q = max(batch[i].n for i in members)
             L = max(batch[i].seq.num_computed + batch[i].n for i in members)
-            blocks = -(-L // self.block_size)
+            blocks = key_blocks or -(-L // self.block_size)
             q_rows, q_pos, tables = [], [], []
             for i in members:
                 s, nc = batch[i], batch[i].seq.num_computed
@@ -114,11 +124,10 @@ class ModelRunner:
 
         return build
 
-    @torch.inference_mode()
-    def run(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
-        """Logits `[rows, V]` and each request's (first row, row count) in them, for `batch` (already in
-        `order`): all its tokens' rows when it has drafts to verify, its last row when it samples, none for a
-        prefill chunk that does not reach its last token."""
+    def plan(self, batch: list[ScheduledSeq], key_blocks: int | None = None) -> tuple[HostStaging, Inputs]:
+        """Stages the token ids, positions, cache addresses, attention groups and KVBuffer calls of `batch`
+        (already in `order`); returns the staging and what builds the model's inputs from the tensors it sends.
+        `key_blocks`: every attention group's keys span this many KV blocks (see `_attention`)."""
         starts, ids, positions, kv_rows = [], [], [], []
         for s in batch:
             seq, nc = s.seq, s.seq.num_computed
@@ -126,21 +135,38 @@ class ModelRunner:
             ids += seq.token_ids[nc:nc + s.n - len(s.drafts)] + s.drafts
             positions += range(nc, nc + s.n)
             kv_rows += self._kv_rows(seq.block_table, range(nc, nc + s.n))
+        stage = HostStaging(self.device)
+        flat = [stage.add(v) for v in (ids, positions, kv_rows)]
+        groups = self._attention(batch, starts, stage, key_blocks)
+        build_gdn = self._gdn_batch(batch, starts, stage)
+
+        def inputs(t: list[torch.Tensor]) -> tuple[torch.Tensor, ForwardBatch]:
+            input_ids, pos, kv = (t[i] for i in flat)
+            return input_ids, ForwardBatch(pos, kv, [self._group(*(t[i] for i in g)) for g in groups], build_gdn(t))
+
+        return stage, inputs
+
+    @torch.inference_mode()
+    def run(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
+        """Logits `[rows, V]` and each request's (first row, row count) in them, for `batch` (already in
+        `order`): all its tokens' rows when it has drafts to verify, its last row when it samples, none for a
+        prefill chunk that does not reach its last token. A step `graphs` takes has one row per request."""
+        if self.graphs is not None and self.graphs.takes(batch):
+            self._gdn = None  # one token each: nothing to roll back
+            return self.graphs.run(batch), [(i, int(s.samples)) for i, s in enumerate(batch)]
+        stage, inputs = self.plan(batch)
+        ends = accumulate(s.n for s in batch)
         rows, spans = [], []
-        for s, start in zip(batch, starts, strict=True):
+        for s, end in zip(batch, ends, strict=True):
             take = s.n if s.drafts else int(s.samples)
             spans.append((len(rows), take))
-            rows += range(start + s.n - take, start + s.n)
-        stage = HostStaging(self.device)
-        flat = [stage.add(v) for v in (ids, positions, kv_rows, rows)]
-        groups = self._attention(batch, starts, stage)
-        build_gdn = self._gdn_batch(batch, starts, stage)
+            rows += range(end - take, end)
+        take_rows = stage.add(rows)
         t = stage.send()  # the step's one host-to-device copy, queued ahead of the forward
-        input_ids, pos, kv, take_rows = (t[i] for i in flat)
-        self._gdn = build_gdn(t)
-        fb = ForwardBatch(pos, kv, [self._group(*(t[i] for i in g)) for g in groups], self._gdn)
+        input_ids, fb = inputs(t)
+        self._gdn = fb.gdn
         hidden = self.model(input_ids, fb)
-        return (self.model.logits(hidden[take_rows]) if rows else None), spans
+        return (self.model.logits(hidden[t[take_rows]]) if rows else None), spans
 
     @torch.inference_mode()
     def rollback(self, batch: list[ScheduledSeq], accepted: list[int]) -> None:

@@ -13,6 +13,9 @@ nothing and adds a way to overwrite a buffer that is still being read.
 
 Every part starts at a multiple of 16 bytes, as a tensor of its own would: Triton specialises kernels on the
 alignment of pointer arguments, so a part's alignment must not vary from step to step (another compilation).
+
+A CUDA graph reads its inputs from fixed addresses, so `into` copies the parts into a tensor the caller keeps (a
+graph's static inputs) instead of a fresh one: the same parts' shapes give the same views of it every step.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ import torch
 Values = Sequence[float] | Sequence[Sequence[float]]  # 1-D, or 2-D as rows of one length
 
 
-def pack(parts: Sequence[Values], device: torch.device, dtype: torch.dtype = torch.int64) -> list[torch.Tensor]:
-    """`parts` as `dtype` tensors on `device` (views of one buffer), sent in one copy without a host sync."""
+def _flatten(parts: Sequence[Values], dtype: torch.dtype) -> tuple[list[float], list[tuple[int, tuple[int, ...]]]]:
+    """All parts' values in one list, each part starting 16-byte aligned; each part's (offset, shape) in it."""
     align = 16 // dtype.itemsize
     flat: list[float] = []
     layout: list[tuple[int, tuple[int, ...]]] = []
@@ -39,8 +42,24 @@ def pack(parts: Sequence[Values], device: torch.device, dtype: torch.dtype = tor
         if len(flat) != layout[-1][0] + math.prod(shape):
             raise ValueError(f"rows of different lengths in a 2-D part of shape {shape}")
         flat.extend([0] * (-len(flat) % align))
+    return flat, layout
+
+
+def pack(parts: Sequence[Values], device: torch.device, dtype: torch.dtype = torch.int64,
+         into: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """`parts` as `dtype` tensors on `device` (views of one buffer), sent in one copy without a host sync.
+
+    `into`: the buffer to copy into (1-D, `dtype`, on `device`, as long as the aligned parts: `HostStaging.size`);
+    else a new one.
+    """
+    flat, layout = _flatten(parts, dtype)
     host = torch.tensor(flat, dtype=dtype, pin_memory=device.type == "cuda")
-    sent = host.to(device, non_blocking=True)
+    if into is None:
+        sent = host.to(device, non_blocking=True)
+    elif into.shape != host.shape:
+        raise ValueError(f"into holds {into.numel()} values, the parts take {host.numel()} (their shapes changed)")
+    else:
+        sent = into.copy_(host, non_blocking=True)
     return [sent[start:start + math.prod(shape)].view(shape) for start, shape in layout]
 
 
@@ -55,6 +74,11 @@ class HostStaging:
         self.parts.append(values)
         return len(self.parts) - 1
 
-    def send(self) -> list[torch.Tensor]:
-        """The device tensors, by the index `add` gave; they hold data once the stream reaches the copy."""
-        return pack(self.parts, self.device)
+    def size(self) -> int:
+        """The length of an `into` buffer for the parts added so far (alignment included)."""
+        return len(_flatten(self.parts, torch.int64)[0])
+
+    def send(self, into: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The device tensors, by the index `add` gave (views of `into` if given, see `pack`); they hold data once
+        the stream reaches the copy."""
+        return pack(self.parts, self.device, into=into)

@@ -119,6 +119,10 @@ class ServiceSettings(BaseSettings):
                                     "longest context (prompt + completion) in tokens")
     memory_budget_bytes: int = Field(_engine_default("memory_budget_bytes"), ge=1, description=
                                      "bytes the state, buffer and KV-cache pools are sized from at start")
+    cuda_graph_max_batch: int = Field(_engine_default("cuda_graph_max_batch"), ge=0, description=
+                                      "decode steps of up to this many requests run padded to a fixed shape, "
+                                      "on CUDA by replaying a captured CUDA graph (one launch instead of "
+                                      "hundreds); 0 turns this off")
     seed: int = Field(_engine_default("seed"), description="seed of the engine's random generators")
 
     # Security.

@@ -134,7 +134,7 @@ class GetServerConfigRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerConfig(_message.Message):
-    __slots__ = ("engine", "model", "decode_mode", "buffer_size", "chunk_size", "speculative_algorithm", "speculative_num_draft_tokens", "max_running_requests", "max_waiting_requests", "max_num_batched_tokens", "max_context_length", "memory_budget_bytes", "device", "dtype")
+    __slots__ = ("engine", "model", "decode_mode", "buffer_size", "chunk_size", "speculative_algorithm", "speculative_num_draft_tokens", "max_running_requests", "max_waiting_requests", "max_num_batched_tokens", "max_context_length", "memory_budget_bytes", "device", "dtype", "cuda_graph_max_batch")
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DECODE_MODE_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +149,7 @@ class ServerConfig(_message.Message):
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    CUDA_GRAPH_MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     engine: str
     model: str
     decode_mode: str
@@ -163,4 +164,5 @@ class ServerConfig(_message.Message):
     memory_budget_bytes: int
     device: str
     dtype: str
-    def __init__(self, engine: _Optional[str] = ..., model: _Optional[str] = ..., decode_mode: _Optional[str] = ..., buffer_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., speculative_algorithm: _Optional[str] = ..., speculative_num_draft_tokens: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., max_waiting_requests: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_context_length: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+    cuda_graph_max_batch: int
+    def __init__(self, engine: _Optional[str] = ..., model: _Optional[str] = ..., decode_mode: _Optional[str] = ..., buffer_size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., speculative_algorithm: _Optional[str] = ..., speculative_num_draft_tokens: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., max_waiting_requests: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_context_length: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., cuda_graph_max_batch: _Optional[int] = ...) -> None: ...

@@ -31,6 +31,10 @@ class Build:
     types: dict[str, str]
     constexprs: dict[str, object]
     num_warps: int
+    # the kernels that stream checkpoints must not spill (occupancy is their speed); the scores kernels do little
+    # work per request, and at one warp spill a few hundred bytes under some Triton versions (3.9, not 3.6) while
+    # running faster on the H100 than their spill-free multi-warp forms (docs/BENCHMARKS.md)
+    may_spill: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,8 +59,10 @@ def resources(cubin: bytes) -> Resources:
         f.write(cubin)
         f.flush()
         report = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    field = {key: int(re.search(rf"{key}:(\d+)", report).group(1)) for key in ("REG", "LOCAL", "SHARED")}
-    return Resources(field["REG"], field["LOCAL"], field["SHARED"])
+    field = {key: int(m.group(1)) if (m := re.search(rf"{key}:(\d+)", report)) else 0
+             for key in ("REG", "STACK", "LOCAL", "SHARED")}
+    # ptxas puts spilled registers in the stack frame (STACK); LOCAL stays 0 for them
+    return Resources(field["REG"], field["STACK"] + field["LOCAL"], field["SHARED"])
 
 
 def step_builds(H: int = 16, HV: int = 32, K: int = 128, V: int = 128, capacity: int = 40, tokens: int = 4,
@@ -82,7 +88,7 @@ def step_builds(H: int = 16, HV: int = 32, K: int = 128, V: int = 128, capacity:
     block_warps = block_tuning["num_warps"].default
     return [
         Build("decode scores", step._decode_scores_kernel, types, dict(shape, L=capacity, BL=block_l),
-              step.DECODE_SCORES_WARPS),
+              step.DECODE_SCORES_WARPS, may_spill=True),
         Build("decode apply (buffered, flush)", step._decode_apply_kernel, types,
               dict(decode, HAS_BUFFER=True, INLINE_SCORES=False), decode_warps),
         Build("decode apply (one launch, flush)", step._decode_apply_kernel, types,
@@ -90,7 +96,8 @@ def step_builds(H: int = 16, HV: int = 32, K: int = 128, V: int = 128, capacity:
         Build("decode apply (recurrent)", step._decode_apply_kernel, types,
               dict(decode, L=1, HAS_BUFFER=False, INLINE_SCORES=False), decode_warps),
         Build(f"verify scores (T={tokens})", step._scores_kernel, types,
-              dict(shape, L=capacity, BL=block_l, BT=BT, PRECISION="tf32"), step.SCORES_WARPS),
+              dict(shape, L=capacity, BL=block_l, BT=BT, BG=triton.next_power_of_2(HV // H),
+                   KC=min(BK, step.SCORES_K_CHUNK), PRECISION="tf32"), step.SCORES_WARPS, may_spill=True),
         Build(f"verify apply (T={tokens})", step._block_apply_kernel, types,
               dict(shape, V=V, L=capacity, BV=block_BV, BL=block_l, BT=BT, EXACT_INPUTS=key_type != "fp32",
                    KC=min(BK, step.VERIFY_K_CHUNK), STAGES=step.VERIFY_STAGES),
@@ -100,16 +107,18 @@ def step_builds(H: int = 16, HV: int = 32, K: int = 128, V: int = 128, capacity:
 
 
 def main() -> int:
-    """Prints the table; exits 1 if any kernel spills (the build itself raises on a compile error)."""
+    """Prints the table; exits 1 if a kernel that must not spill does (the build itself raises on a compile
+    error)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be built")
     print(f"{'kernel':34} {'registers':>9} {'spilled B':>9} {'shared B':>9}")
-    spills = 0
+    failed = False
     for build in step_builds():
         r = resources(compile_for_hopper(build))
-        spills += r.spill_bytes
-        print(f"{build.name:34} {r.registers:9} {r.spill_bytes:9} {r.shared_bytes:9}")
-    return 1 if spills else 0
+        failed |= r.spill_bytes > 0 and not build.may_spill
+        note = " (allowed)" if r.spill_bytes and build.may_spill else ""
+        print(f"{build.name:34} {r.registers:9} {r.spill_bytes:9} {r.shared_bytes:9}{note}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@ drafts or puts a short prompt into the buffer), the checkpoint only read, the fl
 
 Two launches per step (per round of up to 16 tokens for blocks), so the pass over the checkpoint runs at memory
 speed with few registers live:
-1. Scores, one program per (request, value head): gating, cumulative decays (fp64), and the weight of every
-   earlier entry j for each new token t: e^{G_t - G_j}/|k_j|, e^{G_t - G_j} (k_t . k_j), e^{G_t - G_j} (q_t . k_j).
-   Decode (`_decode_scores_kernel`) uses plain vector products; blocks (`_scores_kernel`) use tensor-core
-   products of the raw keys (exact for bf16 inputs) and also invert the block's unit lower-triangular system
+1. Scores: gating, cumulative decays (fp64), and the weight of every earlier entry j for each new token t:
+   e^{G_t - G_j}/|k_j|, e^{G_t - G_j} (k_t . k_j), e^{G_t - G_j} (q_t . k_j).
+   Decode (`_decode_scores_kernel`, one program per (request, value head)) uses plain vector products; blocks
+   (`_scores_kernel`) run one program per (request, key head), so the HV / H value heads sharing a key head
+   load its keys, queries and buffered keys and take their tensor-core products (exact for bf16 inputs) once,
+   then apply each value head's decays and gates; they also invert each head's unit lower-triangular system
    (I + diag(beta) A) with A[t, i] = e^{G_t - G_i} (k_t . k_i), i < t, by forward substitution: T <= 16, in
    registers. Both append the new keys and decays to the buffer.
 2. Apply, one program per (value tile, request, value head), reads its checkpoint tile once:
@@ -35,6 +37,7 @@ Tensor = torch.Tensor
 MAX_TOKENS_PER_ROUND = 16
 # tiles and warps: the fastest of a `benchmarks/bench_kernels.py --tunings` sweep on an H100 (docs/BENCHMARKS.md)
 DECODE_SCORES_WARPS, SCORES_WARPS = 2, 1
+SCORES_K_CHUNK = 128  # the verify scores multiply keys in chunks of this many columns (128: whole key tiles)
 BLOCK_APPLY_WARPS = 4
 VERIFY_K_CHUNK, VERIFY_STAGES = 32, 3  # the block apply streams the checkpoint in key chunks, pipelined
 DECODE_TILE = (8, 1)  # (value rows per program, warps) of the decode apply after a scores launch
@@ -58,70 +61,132 @@ def _round(cu_seqlens, offset, i_b, BT: tl.constexpr):
 
 
 @triton.jit
+def _solve_rows(A, offs_t, T):
+    """(I + A)^{-1} for A strictly lower triangular [BT, BT], by forward substitution: row t = e_t - sum_{i<t}
+    A[t, i] row_i (rows from T on stay e_t). T <= 16: in registers."""
+    inverse = (offs_t[:, None] == offs_t[None, :]).to(tl.float32)
+    for t in range(1, T):
+        row_t = offs_t[:, None] == t
+        a_t = tl.sum(tl.where(row_t, A, 0.0), axis=0)
+        inverse = tl.where(row_t, inverse - tl.sum(a_t[:, None] * inverse, axis=0)[None, :], inverse)
+    return inverse
+
+
+@triton.jit
+def _own_block(QK, KK, G, beta, offs_t, T):
+    """The block's tokens among themselves, from their normalized products QK[t, i] = q_t . k_i, KK[t, i] = k_t . k_i:
+    the q-weights e^{G_t - G_i} q_t . k_i of tokens i <= t, and the solve rows P = (I + diag(beta) A)^{-1} diag(beta)
+    with A[t, i] = e^{G_t - G_i} k_t . k_i for i < t; both zero outside i <= t < T."""
+    seen = (offs_t[None, :] <= offs_t[:, None]) & (offs_t < T)[:, None]
+    earlier = seen & (offs_t[None, :] != offs_t[:, None])
+    W = tl.exp(tl.where(seen, G[:, None] - G[None, :], 0.0).to(tl.float32))
+    inverse = _solve_rows(beta[:, None] * tl.where(earlier, W * KK, 0.0), offs_t, T)
+    return tl.where(seen, W * QK, 0.0), tl.where(seen, inverse * beta[None, :], 0.0)
+
+
+@triton.jit
+def _row(x, offs_g, j):
+    """Row j of a [BG, BT] tile."""
+    return tl.sum(tl.where(offs_g[:, None] == j, x, 0.0), axis=0)
+
+
+@triton.jit
 def _scores_kernel(
     q, k, a, b, A_log, dt_bias, buf_keys, buf_decay, cu_seqlens, buf_slots, buf_lens, weights, solve, coefs,
     offset, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BL: tl.constexpr,
-    BT: tl.constexpr, PRECISION: tl.constexpr,
+    BT: tl.constexpr, BG: tl.constexpr, KC: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Scores of a block of up to BT tokens per request, and its solve rows P = (I + diag(beta) A)^{-1} diag(beta)."""
-    i_b, i_h = tl.program_id(0), tl.program_id(1)
-    i_hk = i_h // (HV // H)
+    """Scores of a block of up to BT tokens per request, and its solve rows P = (I + diag(beta) A)^{-1} diag(beta).
+
+    One program per (request, key head): the HV / H value heads sharing the key head share its key, query and
+    buffered-key loads and their raw products; each value head then applies its own decays and gates (the group's
+    gates and decays at once as [BG, BT] tiles, BG = HV / H rounded up to a power of 2). Products run in key chunks
+    of KC columns, so no whole [16, K] tile stays live (KC = BK: whole tiles)."""
+    i_b, i_hk = tl.program_id(0), tl.program_id(1)
+    GROUP: tl.constexpr = HV // H
     first, T = _round(cu_seqlens, offset, i_b, BT)
     if T > 0:
-        offs_k, offs_t = tl.arange(0, BK), tl.arange(0, BT)
-        mask_k, mask_t = offs_k < K, offs_t < T
+        offs_t, offs_g = tl.arange(0, BT), tl.arange(0, BG)
+        mask_t, mask_g = offs_t < T, offs_g < GROUP
         tok = (first + offs_t).to(tl.int64)
-        mask_tk = mask_t[:, None] & mask_k[None, :]
-        Kt = tl.load(k + (tok[:, None] * H + i_hk) * K + offs_k[None, :], mask=mask_tk, other=0.0)
-        Qt = tl.load(q + (tok[:, None] * H + i_hk) * K + offs_k[None, :], mask=mask_tk, other=0.0)
-        inv_k = tl.rsqrt(tl.sum(Kt.to(tl.float32) * Kt.to(tl.float32), axis=1) + NORM_EPS)
-        inv_q = tl.rsqrt(tl.sum(Qt.to(tl.float32) * Qt.to(tl.float32), axis=1) + NORM_EPS) * scale
-        g, beta = gate(tl.load(a + tok * HV + i_h, mask=mask_t, other=0.0),
-                       tl.load(b + tok * HV + i_h, mask=mask_t, other=0.0), tl.load(A_log + i_h),
-                       tl.load(dt_bias + i_h))
-
+        qk_rows = (tok[:, None] * H + i_hk) * K  # [BT, 1] offsets of the block's keys and queries
         slot = tl.load(buf_slots + i_b).to(tl.int64)
         n = tl.load(buf_lens + i_b) + offset
-        decay_base = buf_decay + (slot * HV + i_h) * L
         keys_base = buf_keys + (slot * H + i_hk) * L * K
-        # cumulative decays in fp64: differences of long sums stay exact
-        G = tl.load(decay_base + n - 1, mask=n > 0, other=0.0) + tl.cumsum(tl.where(mask_t, g, 0.0).to(tl.float64), 0)
-        w_rows = weights + (tok[:, None] * HV + i_h) * WEIGHT_KINDS * L  # [BT, 1]
 
-        for start in range(0, n, BL):  # the buffered entries
+        # the block's own raw products and norms; its keys appended (entries >= n: no read below sees them)
+        QK = tl.zeros([BT, BT], dtype=tl.float32)
+        KK = tl.zeros([BT, BT], dtype=tl.float32)
+        kk = tl.zeros([BT], dtype=tl.float32)
+        qq = tl.zeros([BT], dtype=tl.float32)
+        for kc in range(0, BK, KC):
+            offs_c = kc + tl.arange(0, KC)
+            mask_tc = mask_t[:, None] & (offs_c < K)[None, :]
+            Kc = tl.load(k + qk_rows + offs_c[None, :], mask=mask_tc, other=0.0)
+            Qc = tl.load(q + qk_rows + offs_c[None, :], mask=mask_tc, other=0.0)
+            kk += tl.sum(Kc.to(tl.float32) * Kc.to(tl.float32), axis=1)
+            qq += tl.sum(Qc.to(tl.float32) * Qc.to(tl.float32), axis=1)
+            QK += tl.dot(Qc, tl.trans(Kc), input_precision=PRECISION)
+            KK += tl.dot(Kc, tl.trans(Kc), input_precision=PRECISION)
+            tl.store(keys_base + (n + offs_t[:, None]) * K + offs_c[None, :], Kc, mask=mask_tc)
+        inv_k = tl.rsqrt(kk + NORM_EPS)
+        inv_q = tl.rsqrt(qq + NORM_EPS) * scale
+
+        # the group's gates and cumulative decays (fp64: differences of long sums stay exact), [BG, BT]
+        heads = i_hk * GROUP + offs_g
+        mask_gt = mask_g[:, None] & mask_t[None, :]
+        gt = tok[None, :] * HV + heads[:, None]
+        g, beta = gate(tl.load(a + gt, mask=mask_gt, other=0.0), tl.load(b + gt, mask=mask_gt, other=0.0),
+                       tl.load(A_log + heads, mask=mask_g, other=0.0)[:, None],
+                       tl.load(dt_bias + heads, mask=mask_g, other=0.0)[:, None])
+        decay_rows = buf_decay + (slot * HV + heads) * L  # [BG]
+        Gs = (tl.load(decay_rows + n - 1, mask=offs_g < tl.where(n > 0, GROUP, 0), other=0.0)[:, None]
+              + tl.cumsum(tl.where(mask_gt, g, 0.0).to(tl.float64), 1))
+
+        for start in range(0, n, BL):  # the buffered entries: raw products once, weighed per value head
             offs_l = start + tl.arange(0, BL)
             mask_l = offs_l < n
-            Kb = tl.load(keys_base + offs_l[:, None] * K + offs_k[None, :], mask=mask_l[:, None] & mask_k[None, :],
-                         other=0.0)
-            inv_b = tl.rsqrt(tl.sum(Kb.to(tl.float32) * Kb.to(tl.float32), axis=1) + NORM_EPS)
-            W = tl.exp((G[:, None] - tl.load(decay_base + offs_l, mask=mask_l, other=0.0)[None, :]).to(tl.float32))
+            SK = tl.zeros([BT, BL], dtype=tl.float32)
+            SQ = tl.zeros([BT, BL], dtype=tl.float32)
+            bb = tl.zeros([BL], dtype=tl.float32)
+            for kc in range(0, BK, KC):
+                offs_c = kc + tl.arange(0, KC)
+                mask_c = offs_c < K
+                Kb = tl.load(keys_base + offs_l[:, None] * K + offs_c[None, :], mask=mask_l[:, None] & mask_c[None, :],
+                             other=0.0)
+                mask_tc = mask_t[:, None] & mask_c[None, :]
+                bb += tl.sum(Kb.to(tl.float32) * Kb.to(tl.float32), axis=1)
+                SK += tl.dot(tl.load(k + qk_rows + offs_c[None, :], mask=mask_tc, other=0.0), tl.trans(Kb),
+                             input_precision=PRECISION)
+                SQ += tl.dot(tl.load(q + qk_rows + offs_c[None, :], mask=mask_tc, other=0.0), tl.trans(Kb),
+                             input_precision=PRECISION)
+            inv_b = tl.rsqrt(bb + NORM_EPS)
+            SK = SK * inv_k[:, None] * inv_b[None, :]
+            SQ = SQ * inv_q[:, None] * inv_b[None, :]
             mask_w = mask_t[:, None] & mask_l[None, :]
-            W = W * inv_b[None, :]
-            tl.store(w_rows + L + offs_l[None, :], W * tl.dot(Kt, tl.trans(Kb), input_precision=PRECISION)
-                     * inv_k[:, None], mask=mask_w)
-            tl.store(w_rows + 2 * L + offs_l[None, :], W * tl.dot(Qt, tl.trans(Kb), input_precision=PRECISION)
-                     * inv_q[:, None], mask=mask_w)
+            for j in tl.static_range(GROUP):
+                i_h = i_hk * GROUP + j
+                W = tl.exp((_row(Gs, offs_g, j)[:, None]
+                            - tl.load(buf_decay + (slot * HV + i_h) * L + offs_l, mask=mask_l, other=0.0)[None, :]
+                            ).to(tl.float32))
+                w_rows = weights + (tok[:, None] * HV + i_h) * WEIGHT_KINDS * L  # [BT, 1]
+                tl.store(w_rows + L + offs_l[None, :], W * SK, mask=mask_w)
+                tl.store(w_rows + 2 * L + offs_l[None, :], W * SQ, mask=mask_w)
 
-        # the block's tokens among themselves: token i is visible to token t for i < t (and i = t for o)
+        # the block's tokens among themselves, per value head
+        QK = QK * inv_q[:, None] * inv_k[None, :]
+        KK = KK * inv_k[:, None] * inv_k[None, :]
         seen = (offs_t[None, :] <= offs_t[:, None]) & mask_t[:, None]
-        earlier = seen & (offs_t[None, :] != offs_t[:, None])
-        W = tl.exp(tl.where(seen, G[:, None] - G[None, :], 0.0).to(tl.float32)) * inv_k[None, :]
-        tl.store(w_rows + 2 * L + n + offs_t[None, :],
-                 W * tl.dot(Qt, tl.trans(Kt), input_precision=PRECISION) * inv_q[:, None], mask=seen)
-        A = tl.where(earlier, W * tl.dot(Kt, tl.trans(Kt), input_precision=PRECISION) * inv_k[:, None], 0.0)
-        A = beta[:, None] * A
-        inverse = (offs_t[:, None] == offs_t[None, :]).to(tl.float32)
-        for t in range(1, T):  # row t of (I + A)^{-1} = e_t - sum_{i<t} A[t, i] row_i (padding rows stay e_t)
-            row_t = offs_t[:, None] == t
-            a_t = tl.sum(tl.where(row_t, A, 0.0), axis=0)
-            inverse = tl.where(row_t, inverse - tl.sum(a_t[:, None] * inverse, axis=0)[None, :], inverse)
-        tl.store(solve + (tok[:, None] * HV + i_h) * BT + offs_t[None, :], inverse * beta[None, :], mask=seen)
+        for j in tl.static_range(GROUP):
+            i_h = i_hk * GROUP + j
+            W_own, P = _own_block(QK, KK, _row(Gs, offs_g, j), _row(beta, offs_g, j), offs_t, T)
+            tl.store(weights + ((tok[:, None] * HV + i_h) * WEIGHT_KINDS + 2) * L + n + offs_t[None, :], W_own,
+                     mask=seen)
+            tl.store(solve + (tok[:, None] * HV + i_h) * BT + offs_t[None, :], P, mask=seen)
 
-        tl.store(coefs + (tok * HV + i_h) * COEFS, tl.exp(G).to(tl.float32), mask=mask_t)  # e^{G} from fp64
-        tl.store(decay_base + n + offs_t, G, mask=mask_t)
-        if i_h % (HV // H) == 0:
-            tl.store(keys_base + (n + offs_t[:, None]) * K + offs_k[None, :], Kt, mask=mask_tk)
+        tl.store(coefs + gt * COEFS, tl.exp(Gs).to(tl.float32), mask=mask_gt)  # e^{G} from fp64
+        tl.store(decay_rows[:, None] + n + offs_t[None, :], Gs, mask=mask_gt)
 
 
 @triton.jit
@@ -408,9 +473,10 @@ def _blocks(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor
     exact = q.dtype != torch.float32 and k.dtype != torch.float32  # 16-bit inputs: exact in tf32
     precision = "tf32" if exact else "tf32x3"
     for offset in range(0, max_tokens, BT):
-        _scores_kernel[(n_req, HV)](q, k, a, b, A_log, dt_bias, buffer.keys, buffer.decay, cu_seqlens, buf_slots,
-                                    buf_lens, weights, solve, coefs, offset, scale, H=H, HV=HV, K=K, L=L, BK=BK,
-                                    BL=block_l, BT=BT, PRECISION=precision, num_warps=SCORES_WARPS)
+        _scores_kernel[(n_req, H)](q, k, a, b, A_log, dt_bias, buffer.keys, buffer.decay, cu_seqlens, buf_slots,
+                                   buf_lens, weights, solve, coefs, offset, scale, H=H, HV=HV, K=K, L=L, BK=BK,
+                                   BL=block_l, BT=BT, BG=triton.next_power_of_2(HV // H), KC=min(BK, SCORES_K_CHUNK),
+                                   PRECISION=precision, num_warps=SCORES_WARPS)
         _block_apply_kernel[(triton.cdiv(V, BV), n_req, HV)](
             q, k, v, out, states, buffer.values, cu_seqlens, buf_slots, buf_lens, read_slots, weights, solve, coefs,
             offset, scale, H=H, HV=HV, K=K, V=V, L=L, BK=BK, BV=BV, BL=block_l, BT=BT, EXACT_INPUTS=exact,

@@ -154,3 +154,17 @@ def test_pools_are_sized_from_the_budget_and_refuse_an_impossible_one():
     assert plan.kv_blocks * plan.block_size >= 256  # one request of max_context_length always fits
     with pytest.raises(ValueError, match="memory_budget_bytes"):
         make_core(memory_budget_bytes=10_000)
+
+
+def test_the_plan_counts_the_bytes_the_pools_allocate():
+    """What a request slot, a checkpoint slot and a KV block cost in the plan is what the bound pools hold."""
+    for mode in ("kvbuffer", "recurrent"):
+        core = make_core(decode_mode=mode)
+        model, plan = core.loaded.model, core.plan
+        request = sum(layer.conv_state[0].numel() * layer.conv_state.element_size()
+                      + (layer.buffer.bytes_per_slot() if layer.buffer is not None else 0)
+                      for layer in model.gdn_layers())
+        state = sum(layer.states[0].numel() * layer.states.element_size() for layer in model.gdn_layers())
+        block = sum(2 * plan.block_size * layer.k_cache[0].numel() * layer.k_cache.element_size()
+                    for layer in model.attention_layers())
+        assert (plan.request_slot_bytes, plan.state_slot_bytes, plan.kv_block_bytes) == (request, state, block), mode

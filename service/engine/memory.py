@@ -16,6 +16,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from kvbuffer.kernels import BufferPool, new_state_pool
 
@@ -66,12 +67,12 @@ class MemoryPlan:
 
 def buffer_bytes(cfg: ModelConfig, ec: EngineConfig, dtype: torch.dtype) -> int:
     """One request's buffer in one GDN layer: buffer_size entries of a key `[H, K]` in dtype, a corrected value
-    `[HV, V]` and a cumulative decay `[HV]` in fp32 (none with decode_mode=recurrent)."""
+    `[HV, V]` in fp32 and a cumulative decay `[HV]` in fp64 (none with decode_mode=recurrent): BufferPool's."""
     if ec.decode_mode == "recurrent":
         return 0
     H, HV, K, V = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                    cfg.linear_value_head_dim)
-    return ec.buffer_size * (H * K * dtype.itemsize + HV * V * 4 + HV * 4)
+    return ec.buffer_size * (H * K * dtype.itemsize + HV * V * 4 + HV * 8)
 
 
 def conv_state_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
@@ -147,6 +148,11 @@ class MemoryManager:
             layer.k_cache = torch.zeros(rows, cfg.num_key_value_heads, cfg.head_dim, device=device, dtype=dtype)
             layer.v_cache = torch.zeros_like(layer.k_cache)
         self._gdn_layers = model.gdn_layers()
+        # each request slot's block table, mirrored from its Sequence for the planner's vectorized gathers; entries
+        # past a request's blocks are stale (masked by attention: keys past each query's position)
+        self.block_tables = np.zeros((request_slots, math.ceil(ec.max_context_length / plan.block_size)), np.int64)
+        if plan.scratch is not None:
+            self.block_tables[plan.scratch.request_slot, 0] = plan.scratch.kv_block
         self.free_request_slots = deque(range(plan.request_slots))
         self.free_state_slots = deque(range(plan.state_slots))
         self.free_blocks = deque(range(plan.kv_blocks))
@@ -166,7 +172,10 @@ class MemoryManager:
             seq.req_slot = self.free_request_slots.popleft()
             for layer in self._gdn_layers:
                 layer.conv_state[seq.req_slot].zero_()
-        seq.block_table.extend(self.free_blocks.popleft() for _ in range(max(blocks, 0)))
+        if blocks > 0:
+            held = len(seq.block_table)
+            seq.block_table.extend(self.free_blocks.popleft() for _ in range(blocks))
+            self.block_tables[seq.req_slot, held:held + blocks] = seq.block_table[held:]
         if step.takes_slot:
             seq.state_slot = self.free_state_slots.popleft()
         return step

@@ -2,18 +2,21 @@
 
 Requests are ordered by GDN operation (decode, verify, prefill) so each KVBuffer call covers one contiguous
 token range. Speculative steps keep the conv inputs so `rollback` can rewind conv states to what was accepted.
-Every index tensor of a step is planned as a Python list first and reaches the device in one `HostStaging` copy
-that the host does not wait for (see staging.py). Steps where every request decodes one token go to `graphs`
+Every index tensor of a step is computed on the host with numpy over per-request arrays (`StepArrays`; a Python
+loop per request costs milliseconds at batch 256) and reaches the device in one `HostStaging` copy that the host
+does not wait for (see staging.py). Steps where every request decodes one token go to `graphs`
 when it is set (cuda_graphs.py: padded to a fixed shape, replayed from a CUDA graph on a GPU).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import partial
 from itertools import accumulate
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from ..model import Qwen3NextForCausalLM
@@ -30,11 +33,43 @@ _OP_ORDER = {"decode": 0, "verify": 1, "prefill": 2}
 Inputs = Callable[[list[torch.Tensor]], tuple[torch.Tensor, ForwardBatch]]
 
 
+def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The concatenation of range(starts[i], starts[i] + lengths[i]) over i, without a Python loop."""
+    ends = np.cumsum(lengths)
+    return np.arange(ends[-1] if len(ends) else 0) + np.repeat(starts - (ends - lengths), lengths)
+
+
+@dataclass(frozen=True)
+class StepArrays:
+    """Per-request numbers of a step as arrays, read off the requests once for the vectorized index math."""
+
+    n: np.ndarray  # tokens fed
+    computed: np.ndarray  # tokens already in the caches
+    req_slots: np.ndarray
+    state_slots: np.ndarray
+    buf_lens: np.ndarray
+    starts: np.ndarray  # first row of each request in the flat token batch
+
+    @classmethod
+    def of(cls, batch: list[ScheduledSeq]) -> StepArrays:
+        def column(values: Iterable[int]) -> np.ndarray:
+            return np.fromiter(values, np.int64, len(batch))
+
+        n = column(s.n for s in batch)
+        return cls(n, column(s.seq.num_computed for s in batch), column(s.seq.req_slot for s in batch),
+                   column(s.seq.state_slot for s in batch), column(s.seq.buf_len for s in batch), np.cumsum(n) - n)
+
+
 class ModelRunner:
-    def __init__(self, model: Qwen3NextForCausalLM, block_size: int, short_query: int) -> None:
-        """`short_query`: segments with at most this many tokens share one padded attention batch."""
+    def __init__(self, model: Qwen3NextForCausalLM, block_size: int, short_query: int,
+                 block_tables: np.ndarray, max_requests: int) -> None:
+        """`short_query`: segments with at most this many tokens share one padded attention batch. `block_tables`:
+        each request slot's KV blocks (MemoryManager.block_tables), read when a step is planned."""
         self.model, self.block_size, self.short_query = model, block_size, short_query
+        self.block_tables = block_tables
         self.device = model.lm_head.weight.device
+        # the tokens an overlapped decode step chose, by row: the next step reads those not yet on the host here
+        self.last_tokens = torch.zeros(max_requests, dtype=torch.int64, device=self.device)
         self.kk = model.config.linear_conv_kernel_dim - 1
         self._gdn: GdnBatch | None = None
         self.graphs: DecodeGraphs | None = None  # set by the engine when cuda_graph_max_batch > 0
@@ -42,30 +77,18 @@ class ModelRunner:
     def order(self, batch: list[ScheduledSeq]) -> list[ScheduledSeq]:
         return sorted(batch, key=lambda s: _OP_ORDER[s.step.op])
 
-    def _kv_rows(self, block_table: list[int], positions: range) -> list[int]:
-        bs = self.block_size
-        return [block_table[p // bs] * bs + p % bs for p in positions]
-
-    def _attention(self, batch: list[ScheduledSeq], starts: list[int], stage: HostStaging, key_blocks: int | None
-                   ) -> list[tuple[int, int, int]]:
+    def _attention(self, a: StepArrays, stage: HostStaging, key_blocks: int | None) -> list[tuple[int, int, int]]:
         """Stages each attention group's query rows, query positions and block tables; their indices in `stage`.
         Keys span the group's longest context in whole blocks, or `key_blocks` blocks if given (a fixed shape)."""
-        short = [i for i, s in enumerate(batch) if s.n <= self.short_query]
-        groups = [short] if short else []
-        groups += [[i] for i, s in enumerate(batch) if s.n > self.short_query]
+        short = np.flatnonzero(a.n <= self.short_query)
+        groups = ([short] if len(short) else []) + [np.array([i]) for i in np.flatnonzero(a.n > self.short_query)]
         out = []
         for members in groups:
-            Q = max(batch[i].n for i in members)
-            L = max(batch[i].seq.num_computed + batch[i].n for i in members)
-            blocks = key_blocks or -(-L // self.block_size)
-            q_rows, q_pos, tables = [], [], []
-            for i in members:
-                s, nc = batch[i], batch[i].seq.num_computed
-                q_rows.append([starts[i] + min(t, s.n - 1) for t in range(Q)])
-                q_pos.append([nc + min(t, s.n - 1) for t in range(Q)])
-                table = s.seq.block_table[:blocks]
-                tables.append(table + [0] * (blocks - len(table)))
-            out.append((stage.add(q_rows), stage.add(q_pos), stage.add(tables)))
+            n, computed = a.n[members], a.computed[members]
+            blocks = key_blocks or -(-int((computed + n).max()) // self.block_size)
+            t = np.minimum(np.arange(n.max()), n[:, None] - 1)  # padding repeats the request's last token
+            tables = self.block_tables[a.req_slots[members], :blocks]
+            out.append((stage.add(a.starts[members, None] + t), stage.add(computed[:, None] + t), stage.add(tables)))
         return out
 
     def _group(self, q_rows: torch.Tensor, q_pos: torch.Tensor, tables: torch.Tensor) -> AttentionGroup:
@@ -76,43 +99,44 @@ class ModelRunner:
         mask = torch.arange(kv_rows.shape[1], device=self.device) <= q_pos[:, None, :, None]
         return AttentionGroup(q_rows, kv_rows, mask)
 
-    def _gdn_batch(self, batch: list[ScheduledSeq], starts: list[int], stage: HostStaging
+    def _gdn_batch(self, batch: list[ScheduledSeq], a: StepArrays, stage: HostStaging
                    ) -> Callable[[list[torch.Tensor]], GdnBatch]:
         """Stages the conv rows and the slots of the KVBuffer calls; returns what builds the GdnBatch from the
         sent tensors."""
         kk, put = self.kk, stage.add
-        state_rows, token_rows, last_rows = [], [], []
-        for i, s in enumerate(batch):
-            base = starts[i] + i * kk
-            state_rows += range(base, base + kk)
-            token_rows += range(base + kk, base + kk + s.n)
-            last_rows += range(base + s.n, base + s.n + kk)
-        conv = [put([s.seq.req_slot for s in batch]), put(state_rows), put(token_rows), put(last_rows)]
+        # each request's conv inputs: its kk old conv-state rows, then its tokens' rows
+        base = a.starts + np.arange(len(batch)) * kk
+        window = np.arange(kk)
+        conv = [put(a.req_slots), put((base[:, None] + window).ravel()), put(ranges(base + kk, a.n)),
+                put(((base + a.n)[:, None] + window).ravel())]
+        steps = [s.step for s in batch]
+
+        def flag(name: str) -> np.ndarray:
+            return np.fromiter((getattr(step, name) for step in steps), bool, len(steps))
+
+        fold, read, flush = flag("fold"), np.where(flag("read"), a.state_slots, -1), flag("flush")
+        buf_lens = np.where(fold, 0, a.buf_lens)
         calls: dict[str, tuple[Callable[..., object], list[int]]] = {}  # GdnBatch field: constructor, staged args
-        folds = [s for s in batch if s.step.fold]
-        if folds:
-            calls["fold"] = (FoldCall, [put([s.seq.req_slot for s in folds]), put([s.seq.buf_len for s in folds]),
-                                        put([-1 if s.step.takes_slot else s.seq.state_slot for s in folds]),
-                                        put([s.seq.state_slot for s in folds])])
+        if fold.any():
+            f = np.flatnonzero(fold)
+            takes = np.fromiter((steps[i].takes_slot for i in f), bool, len(f))
+            calls["fold"] = (FoldCall, [put(a.req_slots[f]), put(a.buf_lens[f]),
+                                        put(np.where(takes, -1, a.state_slots[f])), put(a.state_slots[f])])
+        ops = [step.op for step in steps]
         for op in _OP_ORDER:
-            members = [i for i, s in enumerate(batch) if s.step.op == op]
-            if not members:
+            if op not in ops:
                 continue
-            seqs = [batch[i] for i in members]
-            start, end = starts[members[0]], starts[members[-1]] + batch[members[-1]].n
-            read = [s.seq.state_slot if s.step.read else -1 for s in seqs]
-            cu = [starts[i] - start for i in members] + [end - start]
-            buf_slots = [s.seq.req_slot for s in seqs]
-            buf_lens = [0 if s.step.fold else s.seq.buf_len for s in seqs]
+            i, j = ops.index(op), len(ops) - ops[::-1].index(op)  # the op's requests: batch[i:j] (ordered)
+            start, end = int(a.starts[i]), int(a.starts[j - 1] + a.n[j - 1])
+            cu = np.append(a.starts[i:j], end) - start
             if op == "decode":
-                flush = [s.seq.state_slot if s.step.flush else -1 for s in seqs]
-                calls[op] = (partial(DecodeCall, start, end), [put(v) for v in (buf_slots, buf_lens, read, flush)])
+                calls[op] = (partial(DecodeCall, start, end), [put(v[i:j]) for v in (
+                    a.req_slots, buf_lens, read, np.where(flush, a.state_slots, -1))])
             elif op == "verify":
-                calls[op] = (partial(VerifyCall, start, end, max_tokens=max(s.n for s in seqs)),
-                             [put(v) for v in (cu, buf_slots, buf_lens, read)])
+                calls[op] = (partial(VerifyCall, start, end, max_tokens=int(a.n[i:j].max())),
+                             [put(cu), put(a.req_slots[i:j]), put(buf_lens[i:j]), put(read[i:j])])
             else:
-                calls[op] = (partial(PrefillCall, start, end),
-                             [put(v) for v in (cu, read, [s.seq.state_slot for s in seqs])])
+                calls[op] = (partial(PrefillCall, start, end), [put(cu), put(read[i:j]), put(a.state_slots[i:j])])
 
         def build(t: list[torch.Tensor]) -> GdnBatch:
             slots, state, tokens, last = (t[i] for i in conv)  # the conv rows staged above, on the device
@@ -128,20 +152,25 @@ class ModelRunner:
         """Stages the token ids, positions, cache addresses, attention groups and KVBuffer calls of `batch`
         (already in `order`); returns the staging and what builds the model's inputs from the tensors it sends.
         `key_blocks`: every attention group's keys span this many KV blocks (see `_attention`)."""
-        starts, ids, positions, kv_rows = [], [], [], []
+        a = StepArrays.of(batch)
+        ids: list[int] = []
         for s in batch:
-            seq, nc = s.seq, s.seq.num_computed
-            starts.append(len(ids))
-            ids += seq.token_ids[nc:nc + s.n - len(s.drafts)] + s.drafts
-            positions += range(nc, nc + s.n)
-            kv_rows += self._kv_rows(seq.block_table, range(nc, nc + s.n))
+            nc = s.seq.num_computed
+            ids += s.seq.token_ids[nc:nc + s.n - len(s.drafts)] + s.drafts + [0] * s.seq.pending
+        # a token still on the device (Sequence.pending: only ever a decode's one token) comes from last_tokens
+        pending = np.fromiter((s.seq.pending_row if s.seq.pending else -1 for s in batch), np.int64, len(batch))
+        positions = ranges(a.computed, a.n)
+        owners = np.repeat(a.req_slots, a.n)
+        bs = self.block_size
+        kv_rows = self.block_tables[owners, positions // bs] * bs + positions % bs
         stage = HostStaging(self.device)
-        flat = [stage.add(v) for v in (ids, positions, kv_rows)]
-        groups = self._attention(batch, starts, stage, key_blocks)
-        build_gdn = self._gdn_batch(batch, starts, stage)
+        flat = [stage.add(v) for v in (ids, np.repeat(pending, a.n), positions, kv_rows)]
+        groups = self._attention(a, stage, key_blocks)
+        build_gdn = self._gdn_batch(batch, a, stage)
 
         def inputs(t: list[torch.Tensor]) -> tuple[torch.Tensor, ForwardBatch]:
-            input_ids, pos, kv = (t[i] for i in flat)
+            staged_ids, rows, pos, kv = (t[i] for i in flat)
+            input_ids = torch.where(rows >= 0, self.last_tokens[rows.clamp(min=0)], staged_ids)
             return input_ids, ForwardBatch(pos, kv, [self._group(*(t[i] for i in g)) for g in groups], build_gdn(t))
 
         return stage, inputs
@@ -155,18 +184,16 @@ class ModelRunner:
             self._gdn = None  # one token each: nothing to roll back
             return self.graphs.run(batch), [(i, int(s.samples)) for i, s in enumerate(batch)]
         stage, inputs = self.plan(batch)
-        ends = accumulate(s.n for s in batch)
-        rows, spans = [], []
-        for s, end in zip(batch, ends, strict=True):
-            take = s.n if s.drafts else int(s.samples)
-            spans.append((len(rows), take))
-            rows += range(end - take, end)
-        take_rows = stage.add(rows)
+        take = np.fromiter((s.n if s.drafts else int(s.samples) for s in batch), np.int64, len(batch))
+        ends = np.cumsum([s.n for s in batch])
+        first = np.cumsum(take) - take
+        take_rows = stage.add(ranges(ends - take, take))
         t = stage.send()  # the step's one host-to-device copy, queued ahead of the forward
         input_ids, fb = inputs(t)
         self._gdn = fb.gdn
         hidden = self.model(input_ids, fb)
-        return (self.model.logits(hidden[t[take_rows]]) if rows else None), spans
+        spans = list(zip(first.tolist(), take.tolist(), strict=True))
+        return (self.model.logits(hidden[t[take_rows]]) if take.sum() else None), spans
 
     @torch.inference_mode()
     def rollback(self, batch: list[ScheduledSeq], accepted: list[int]) -> None:

@@ -31,6 +31,10 @@ class Sequence:
     buf_len: int = 0  # entries in its buffer (the same in every GDN layer)
     block_table: list[int] = field(default_factory=list)
     drafts: list[int] = field(default_factory=list)  # speculative tokens proposed for the next step
+    # an overlapped decode step (core.InFlight) chose this request's next token on the device, not yet read back:
+    # it counts in num_tokens, and the step after it reads it from row pending_row of the runner's last_tokens
+    pending: int = 0
+    pending_row: int = -1
     stats: RequestStats = field(default_factory=RequestStats)
     finish_reason: FinishReason | None = None
     # incremental detokenization (output.text_delta); offsets count output tokens
@@ -41,11 +45,13 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens of the context, the one still on the device included."""
+        return len(self.token_ids) + self.pending
 
     @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len:]
+    def num_output_tokens(self) -> int:
+        """Output tokens on the host."""
+        return len(self.token_ids) - self.prompt_len
 
     @property
     def in_decode(self) -> bool:

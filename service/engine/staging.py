@@ -2,8 +2,9 @@
 
 `torch.tensor(values, device="cuda")` copies from pageable memory: the host blocks until the copy is done, and
 the copy is queued behind all work already on the stream, so every such tensor is a host-device sync (about 16
-per decode step). `pack` writes all the lists into one host tensor, pinned on CUDA, sends it with a single
-`non_blocking` copy and returns views of the device copy.
+per decode step). `pack` writes all the parts (lists, or numpy arrays from the planner's vectorized index math)
+into one host tensor, pinned on CUDA, through numpy (a Python list of 16k indices costs `torch.tensor` about a
+millisecond), sends it with a single `non_blocking` copy and returns views of the device copy.
 
 Pinned memory is not reused by hand: every `pack` takes a fresh pinned tensor from torch's caching host
 allocator, which records an event for each `non_blocking` copy out of a block and hands that block out again
@@ -20,29 +21,29 @@ graph's static inputs) instead of a fresh one: the same parts' shapes give the s
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from itertools import chain
 
+import numpy as np
 import torch
 
-Values = Sequence[float] | Sequence[Sequence[float]]  # 1-D, or 2-D as rows of one length
+# 1-D, or 2-D as rows of one length; numpy arrays are taken as they are (the planner's vectorized index math)
+Values = Sequence[float] | Sequence[Sequence[float]] | np.ndarray
 
 
-def _flatten(parts: Sequence[Values], dtype: torch.dtype) -> tuple[list[float], list[tuple[int, tuple[int, ...]]]]:
-    """All parts' values in one list, each part starting 16-byte aligned; each part's (offset, shape) in it."""
+def _arrays(parts: Sequence[Values], dtype: torch.dtype) -> tuple[list[np.ndarray], list[int], int]:
+    """Each part as an array of `dtype`, its offset in the flat buffer (16-byte aligned) and the buffer's length."""
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
     align = 16 // dtype.itemsize
-    flat: list[float] = []
-    layout: list[tuple[int, tuple[int, ...]]] = []
+    arrays, offsets, size = [], [], 0
     for part in parts:
-        rows = len(part) > 0 and isinstance(part[0], Sequence)
-        shape = (len(part), len(part[0])) if rows else (len(part),)
-        layout.append((len(flat), shape))
-        flat.extend(chain.from_iterable(part) if rows else part)
-        if len(flat) != layout[-1][0] + math.prod(shape):
-            raise ValueError(f"rows of different lengths in a 2-D part of shape {shape}")
-        flat.extend([0] * (-len(flat) % align))
-    return flat, layout
+        try:
+            array = np.asarray(part, dtype=np_dtype)
+        except ValueError as e:  # numpy's "inhomogeneous shape"
+            raise ValueError(f"rows of different lengths in a 2-D part: {e}") from None
+        arrays.append(array)
+        offsets.append(size)
+        size += array.size + (-array.size % align)
+    return arrays, offsets, size
 
 
 def pack(parts: Sequence[Values], device: torch.device, dtype: torch.dtype = torch.int64,
@@ -52,15 +53,18 @@ def pack(parts: Sequence[Values], device: torch.device, dtype: torch.dtype = tor
     `into`: the buffer to copy into (1-D, `dtype`, on `device`, as long as the aligned parts: `HostStaging.size`);
     else a new one.
     """
-    flat, layout = _flatten(parts, dtype)
-    host = torch.tensor(flat, dtype=dtype, pin_memory=device.type == "cuda")
+    arrays, offsets, size = _arrays(parts, dtype)
+    host = torch.empty(size, dtype=dtype, pin_memory=device.type == "cuda")
+    flat = host.numpy()
+    for array, start in zip(arrays, offsets, strict=True):
+        flat[start:start + array.size] = array.ravel()
     if into is None:
         sent = host.to(device, non_blocking=True)
     elif into.shape != host.shape:
         raise ValueError(f"into holds {into.numel()} values, the parts take {host.numel()} (their shapes changed)")
     else:
         sent = into.copy_(host, non_blocking=True)
-    return [sent[start:start + math.prod(shape)].view(shape) for start, shape in layout]
+    return [sent[start:start + array.size].view(array.shape) for array, start in zip(arrays, offsets, strict=True)]
 
 
 class HostStaging:
@@ -76,7 +80,7 @@ class HostStaging:
 
     def size(self) -> int:
         """The length of an `into` buffer for the parts added so far (alignment included)."""
-        return len(_flatten(self.parts, torch.int64)[0])
+        return _arrays(self.parts, torch.int64)[2]
 
     def send(self, into: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The device tensors, by the index `add` gave (views of `into` if given, see `pack`); they hold data once

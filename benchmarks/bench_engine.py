@@ -2,7 +2,8 @@
 
 Tables (markdown, to paste into docs/BENCHMARKS.md):
   1. decode throughput and time per output token at batch 1..256: kvbuffer (buffered and stateless paths) vs
-     recurrent, decode steps replayed from CUDA graphs (`--no-cuda-graphs`: eager), with the share of the
+     recurrent, decode steps replayed from CUDA graphs and overlapped with the host work of the next step
+     (`--no-cuda-graphs`: every step eager and synchronous), with the share of the
      forward's device time spent in the Gated DeltaNet layers (torch.profiler over eager steps);
   2. maximum concurrent requests under one fixed state-memory budget with 4 speculative draft tokens:
      KVBuffer (checkpoint + buffer) vs a recurrent baseline that keeps one state per draft token;
@@ -32,7 +33,6 @@ from kvbuffer.service.engine.api import GenerateRequest, SamplingParams
 from kvbuffer.service.engine.config import EngineConfig
 from kvbuffer.service.engine.core import EngineCore, dtype_name
 from kvbuffer.service.engine.memory import buffer_bytes, state_bytes
-from kvbuffer.service.engine.scheduler import ScheduledSeq
 from kvbuffer.service.model import LoadedModel, ModelConfig, empty_model, tiny
 from kvbuffer.service.model.tokenizer import ByteTokenizer
 from torch.autograd import DeviceType
@@ -131,37 +131,29 @@ def engine_config(args: argparse.Namespace, batch: int, prompt_len: int, **overr
 
 
 def measure(core: EngineCore, device: torch.device, warmup: int, profiled: int, steps: int
-            ) -> tuple[float, float, float, float, float, dict[str, int]]:
-    """Median seconds per step and per forward over `steps` timed steps, the device seconds per step in GDN layers,
-    in the forward and in the KVBuffer kernels from `profiled` eager steps before them (`profile_gdn`), and the
-    timed tokens by decode path. Medians, as a host-bound step now and then stalls several times over (allocator,
-    garbage collector, the capture of a CUDA graph for a new shape)."""
+            ) -> tuple[float, float, float, float, dict[str, int]]:
+    """Median seconds per step over `steps` timed steps, the device seconds per step in GDN layers, in the forward
+    and in the KVBuffer kernels from `profiled` eager steps before them (`profile_gdn`), and the timed tokens by
+    decode path. Steps are not synchronized one by one: decode steps that replay graphs overlap the host work of
+    one step with the device work of the next (core.py), and a step's wall time is the pipeline's period. Medians,
+    as a step now and then stalls several times over (allocator, garbage collector, the capture of a CUDA graph
+    for a new shape)."""
     while any(not s.in_decode for s in core.scheduler.running) or core.scheduler.waiting:
         core.step()  # prefill
     for _ in range(warmup):
         core.step()
     gdn, device_forward, kernels = profile_gdn(core, device, profiled)
-    run = core.runner.run
-    step_s, forward_s = [], []
-
-    def timed_run(batch: list[ScheduledSeq]) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
-        sync(device)
-        t0 = time.perf_counter()
-        out = run(batch)
-        sync(device)
-        forward_s.append(time.perf_counter() - t0)
-        return out
-
-    core.runner.run = timed_run
     before = dict(core.stats().tokens_by_path)
+    step_s = []
+    sync(device)
     for _ in range(steps):
-        sync(device)
         t0 = time.perf_counter()
         core.step()
-        sync(device)
         step_s.append(time.perf_counter() - t0)
+    if core.runner.graphs is not None:
+        core.step()  # reads back the last timed step (graph decode steps overlap); its own tokens are not counted
     paths = {k: v - before[k] for k, v in core.stats().tokens_by_path.items()}
-    return statistics.median(step_s), statistics.median(forward_s), gdn, device_forward, kernels, paths
+    return statistics.median(step_s), gdn, device_forward, kernels, paths
 
 
 def decode_table(args: argparse.Namespace, loaded: LoadedModel, device: torch.device) -> None:
@@ -178,14 +170,16 @@ def decode_table(args: argparse.Namespace, loaded: LoadedModel, device: torch.de
     print("\n### 1. Decode: time per output token and throughput\n")
     print(f"{args.model_desc}; buffer_size {args.buffer_size}, chunk_size {args.chunk_size}; CUDA graphs {graphs}.\n")
     print("step: the whole engine step (scheduling, forward, sampling, streaming), = TPOT as every request "
-          "decodes one token per step; forward: the model runner's call (graph replay or eager forward, then the "
-          "logits); medians over the timed steps. GDN, forward and KVBuffer kernels device: kernel time per step "
+          "decodes one token per step, the median over the timed steps (not synchronized one by one: with graphs a "
+          "decode step's host work overlaps the device work of the next); host not hidden: step minus forward "
+          "device. GDN, forward and KVBuffer kernels device: kernel time per step "
           "inside the Gated DeltaNet layers, in the whole forward, and in the KVBuffer (or recurrent) kernels alone "
           "(CPU time on a CPU), GDN share the first two's ratio, from torch.profiler over eager steps run just "
           "before the timed ones (inside a replayed graph the layers cannot be told apart; eager steps launch the "
           "same kernels).\n")
-    print("| batch | decode_mode | path | timed steps | step (ms) | tokens/s | forward (ms) | GDN device (ms) "
-          "| forward device (ms) | GDN share | KVBuffer kernels device (ms) | step vs recurrent |")
+    print("| batch | decode_mode | path | timed steps | step (ms) | tokens/s | GDN device (ms) "
+          "| forward device (ms) | GDN share | KVBuffer kernels device (ms) | host not hidden (ms) "
+          "| step vs recurrent |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for batch in args.batches:
         base = None
@@ -196,14 +190,14 @@ def decode_table(args: argparse.Namespace, loaded: LoadedModel, device: torch.de
                       "| | | | | | | | |")
                 continue
             add_requests(core, batch, prompt_len, warmup + profiled + steps + 2)
-            step, forward, gdn, device_forward, kernels, paths = measure(core, device, warmup, profiled, steps)
+            step, gdn, device_forward, kernels, paths = measure(core, device, warmup, profiled, steps)
             assert paths[path] == batch * steps, f"timed tokens by path: {paths}, expected all {path}"
             assert args.no_cuda_graphs or core.runner.graphs.steps, "CUDA graphs on, yet no decode step used one"
             base = step if mode == "recurrent" else base
             ratio = f"{step / base:.2f}" if base else "-"
             print(f"| {batch} | {mode} | {path} | {steps} | {step * 1e3:.2f} | {batch / step:.0f} | "
-                  f"{forward * 1e3:.2f} | {gdn * 1e3:.2f} | {device_forward * 1e3:.2f} | {gdn / device_forward:.0%} "
-                  f"| {kernels * 1e3:.2f} | {ratio} |", flush=True)
+                  f"{gdn * 1e3:.2f} | {device_forward * 1e3:.2f} | {gdn / device_forward:.0%} "
+                  f"| {kernels * 1e3:.2f} | {(step - device_forward) * 1e3:.2f} | {ratio} |", flush=True)
 
 
 def concurrency_table(args: argparse.Namespace, cfg: ModelConfig, dtype: torch.dtype) -> None:

@@ -2,13 +2,24 @@
 
 One step: propose drafts for decoding requests, schedule, run the model, choose tokens (accepting drafts),
 commit what was kept to the state manager (buffer lengths, conv states, KV blocks), and stream the deltas.
+
+Decode steps that replay a CUDA graph are overlapped with the host work around them. Such a step keeps exactly one
+token per request, so its commit is known before its tokens are: the step is launched, committed, and its tokens
+chosen on the device and copied back without waiting (`InFlight`); the host then reads back and streams the
+previous step's tokens while the device runs this one, and the next step is scheduled and planned before this
+one's tokens reach the host (the next forward reads them on the device, ModelRunner.last_tokens). The host's
+per-request work (scheduling, planning, detokenizing, streaming: milliseconds at batch 256) then hides behind
+the forward instead of adding to it. What this costs: a request that ends on a stop token or stop string decodes
+one more token, thrown away (a request that ends by length is known to and leaves the schedule in time); its
+memory is freed when its last token is read, and another request reusing it runs after the wasted step on the
+same stream. Any other step (prefill, drafts, logprobs, graphs off) first reads back the step in flight.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -20,7 +31,7 @@ from .drafter import propose_ngram
 from .memory import MemoryManager, plan_memory
 from .model_runner import ModelRunner
 from .output import append_tokens, text_delta
-from .sampler import choose_batch, logprobs, make_generator
+from .sampler import choose_batch, logprobs, make_generator, next_tokens
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import Sequence, Status
 from .validation import validate_request
@@ -28,6 +39,16 @@ from .validation import validate_request
 log = logging.getLogger(__name__)
 
 PATHS = ("stateless", "buffered", "recurrent")
+
+
+@dataclass
+class InFlight:
+    """An overlapped decode step, launched and committed: its requests and the tokens it chose, on their way to the
+    host (`tokens`, pinned on CUDA, holds them once `ready` has passed)."""
+
+    batch: list[ScheduledSeq]
+    tokens: torch.Tensor
+    ready: torch.cuda.Event | None
 
 
 def resolve_device(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
@@ -57,7 +78,8 @@ class EngineCore:
         self.plan = plan_memory(self.loaded.config, config, self.dtype)
         self.memory = MemoryManager(self.loaded.model, config, self.plan, self.device, self.dtype)
         self.num_drafts = config.speculative_num_draft_tokens if config.speculative_algorithm == "ngram" else 0
-        self.runner = ModelRunner(self.loaded.model, self.plan.block_size, short_query=1 + self.num_drafts)
+        self.runner = ModelRunner(self.loaded.model, self.plan.block_size, short_query=1 + self.num_drafts,
+                                  block_tables=self.memory.block_tables, max_requests=config.max_running_requests)
         if self.plan.scratch is not None:  # cuda_graph_max_batch > 0
             self.runner.graphs = DecodeGraphs(self.runner, self.plan.scratch,
                                               min(config.cuda_graph_max_batch, config.max_running_requests),
@@ -68,6 +90,7 @@ class EngineCore:
         self._seeds = torch.Generator().manual_seed(config.seed)  # for requests without a seed
         self.tokens_by_path = dict.fromkeys(PATHS, 0)
         self.flushes = self.drafted_tokens = self.accepted_tokens = 0
+        self._inflight: InFlight | None = None
 
     # requests in and out
     def validate(self, request: GenerateRequest) -> list[int]:
@@ -94,10 +117,11 @@ class EngineCore:
 
     def abort_all(self, reason: FinishReason) -> list[tuple[str, GenerateChunk]]:
         """Ends every active request (shutdown, or an error in a step) and frees all memory."""
+        self._inflight = None  # its requests all end here; the device finishes the step on its own
         return [(rid, self._finish(seq, reason, [], "")) for rid, seq in list(self.requests.items())]
 
     def has_work(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running)
+        return bool(self.scheduler.waiting or self.scheduler.running or self._inflight)
 
     # the step
     def _propose(self) -> None:
@@ -105,16 +129,23 @@ class EngineCore:
         for seq in self.scheduler.running:
             seq.drafts = []
             if self.num_drafts and seq.in_decode:
-                room = min(self.num_drafts, seq.sampling.max_new_tokens - len(seq.output_ids) - 1,
+                room = min(self.num_drafts, seq.sampling.max_new_tokens - seq.num_output_tokens - 1,
                            limit - seq.num_tokens - 1)
                 seq.drafts = propose_ngram(seq.token_ids, room)
 
     def step(self) -> list[tuple[str, GenerateChunk]]:
-        """One engine step; the chunks it produced, by request id."""
+        """One engine step; the chunks it produced, by request id (an overlapped step: those of the step before)."""
         self._propose()
         batch = self.runner.order(self.scheduler.schedule())
+        if batch and self._overlaps(batch):
+            launched = self._launch(batch)
+            out = self._read_back()
+            self._inflight = launched
+            return out
+        out = self._read_back()
+        batch = [s for s in batch if s.seq.status is Status.RUNNING]  # a token read back may have ended one
         if not batch:
-            return []
+            return out
         logits, spans = self.runner.run(batch)
         emitted = choose_batch(logits, spans, [s.drafts for s in batch], [s.seq.sampling for s in batch],
                                [s.seq.generator for s in batch])
@@ -125,8 +156,48 @@ class EngineCore:
             accepted.append(kept)
         if self.num_drafts:
             self.runner.rollback(batch, accepted)
-        return [out for s, span, tokens in zip(batch, spans, emitted, strict=True)
-                if (out := self._emit(s, logits, span, tokens)) is not None]
+        return out + [chunk for s, span, tokens in zip(batch, spans, emitted, strict=True)
+                      if (chunk := self._emit(s, logits, span, tokens)) is not None]
+
+    def _overlaps(self, batch: list[ScheduledSeq]) -> bool:
+        """A CUDA-graph decode step whose requests need nothing of their tokens before the next step (no drafts
+        to propose from them, no logprobs)."""
+        graphs = self.runner.graphs
+        return (graphs is not None and not self.num_drafts and graphs.takes(batch)
+                and not any(s.seq.sampling.logprobs for s in batch))
+
+    def _launch(self, batch: list[ScheduledSeq]) -> InFlight:
+        """Runs an overlapped step up to its tokens' copy to the host, and commits it (one token each)."""
+        logits, _ = self.runner.run(batch)
+        tokens = next_tokens(logits, [s.seq.sampling for s in batch], [s.seq.generator for s in batch])
+        self.runner.last_tokens[:len(batch)] = tokens
+        host = torch.empty_like(tokens, device="cpu", pin_memory=tokens.is_cuda).copy_(tokens, non_blocking=True)
+        ready = None
+        if tokens.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        limit = self.config.max_context_length
+        for row, s in enumerate(batch):
+            seq = s.seq
+            self.memory.commit(seq, s.step, 1)
+            seq.pending, seq.pending_row = seq.pending + 1, row
+            if seq.num_tokens - seq.prompt_len >= seq.sampling.max_new_tokens or seq.num_tokens >= limit:
+                self.scheduler.remove(seq)  # this token is its last: it leaves the schedule now
+        return InFlight(batch, host, ready)
+
+    def _read_back(self) -> list[tuple[str, GenerateChunk]]:
+        """The chunks of the step in flight, once its tokens are on the host (nothing if none is in flight)."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return []
+        if inflight.ready is not None:
+            inflight.ready.synchronize()
+        out = []
+        for s, token in zip(inflight.batch, inflight.tokens.tolist(), strict=True):
+            s.seq.pending -= 1
+            if s.seq.status is not Status.FINISHED and (chunk := self._emit(s, None, (0, 0), [token])) is not None:
+                out.append(chunk)
+        return out
 
     def _emit(self, s: ScheduledSeq, logits: torch.Tensor | None, span: tuple[int, int], tokens: list[int]
               ) -> tuple[str, GenerateChunk] | None:
@@ -151,7 +222,7 @@ class EngineCore:
         if reason is not None:
             return seq.request_id, self._finish(seq, reason, new, delta, lps)
         return seq.request_id, GenerateChunk(new, delta, lps, prompt_tokens=seq.prompt_len,
-                                  completion_tokens=len(seq.output_ids))
+                                  completion_tokens=seq.num_output_tokens)
 
     def _finish(self, seq: Sequence, reason: FinishReason, new: list[int], delta: str,
                 lps: list[float] | None = None) -> GenerateChunk:
@@ -159,7 +230,7 @@ class EngineCore:
         self.memory.free(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason
         del self.requests[seq.request_id]
-        return GenerateChunk(new, delta, lps, reason, seq.prompt_len, len(seq.output_ids),
+        return GenerateChunk(new, delta, lps, reason, seq.prompt_len, seq.num_output_tokens,
                              RequestStats(**asdict(seq.stats)))
 
     # observability

@@ -16,7 +16,7 @@ def append_tokens(seq: Sequence, tokens: list[int], eos_ids: tuple[int, ...], ma
         seq.token_ids.append(t)
         if t in stops:
             return tokens[:i + 1], "stop"
-        if seq.num_tokens - seq.prompt_len >= p.max_new_tokens or seq.num_tokens >= max_context_length:
+        if seq.num_output_tokens >= p.max_new_tokens or len(seq.token_ids) >= max_context_length:
             return tokens[:i + 1], "length"
     return tokens, None
 

@@ -106,6 +106,21 @@ def choose_batch(logits: torch.Tensor | None, spans: list[tuple[int, int]], draf
     return out
 
 
+def next_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+                ) -> torch.Tensor:
+    """One token per row of `logits` `[R, V]` (requests without drafts), left on the device: the argmax for greedy
+    rows, and for sampling rows the token `choose_batch` would draw (the same generator calls), so a seed gives
+    the same tokens whether a step is read back at once or overlapped with the next one."""
+    picks = logits.argmax(-1)
+    sampled = [i for i, p in enumerate(params) if p.temperature != 0.0]
+    if sampled:
+        drawn = _draw(logits, [(i, 1) for i in sampled], [[] for _ in sampled], [params[i] for i in sampled],
+                      [generators[i] for i in sampled])
+        (rows,) = pack([sampled], logits.device)
+        picks = picks.index_copy(0, rows, drawn[:len(sampled)])
+    return picks
+
+
 def choose(logits: torch.Tensor, drafts: list[int], p: SamplingParams,
            generator: torch.Generator | None) -> list[int]:
     """Emitted tokens from logits `[1 + len(drafts), V]`: the accepted drafts, then one token of the target."""

@@ -87,3 +87,24 @@ def test_a_request_cancelled_with_its_token_in_flight_ends_at_once():
             assert rid != "r1", f"seed {seed}: a chunk after the cancel"
             streamed[rid].extend(chunk.token_ids)
     assert [len(streamed[r]) for r in ("r0", "r2")] == [30, 30] and all_free(core), f"seed {seed}"
+
+
+def test_a_one_token_prefill_piece_among_decodes_is_not_overlapped():
+    """A token budget that leaves one token for a chunked prefill makes that piece a one-token decode that samples
+    nothing: the step must run synchronously, and every output stay the synchronous engine's."""
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(256) for _ in range(n)] for n in (5, 5, 5, 12)]
+    settings = {**SETTINGS, "max_num_batched_tokens": 4}
+
+    def arrivals() -> dict[int, list]:
+        return {0: [request(f"r{i}", prompts[i], max_new_tokens=m, ignore_eos=True) for i, m in enumerate((8, 8, 5))],
+                3: [request("r3", prompts[3], max_new_tokens=4, ignore_eos=True)]}
+
+    want = run_to_end(make_core(cuda_graph_max_batch=0, **settings), arrivals())
+    seen, on_step = overlapped_steps()
+    got = run_to_end(make_core(cuda_graph_max_batch=16, **settings), arrivals(), on_step)
+    assert any(seen), f"seed {seed}: no overlapped step"
+    for rid, chunk in want.items():
+        assert (got[rid].token_ids, got[rid].finish_reason) == (chunk.token_ids, chunk.finish_reason), (
+            f"{rid} (seed {seed})")

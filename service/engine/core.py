@@ -160,11 +160,12 @@ class EngineCore:
                       if (chunk := self._emit(s, logits, span, tokens)) is not None]
 
     def _overlaps(self, batch: list[ScheduledSeq]) -> bool:
-        """A CUDA-graph decode step whose requests need nothing of their tokens before the next step (no drafts
-        to propose from them, no logprobs)."""
+        """A CUDA-graph decode step where every request samples its next token (not a one-token piece of a chunked
+        prefill, which samples nothing) and needs nothing of it before the next step (no drafts to propose from
+        it, no logprobs)."""
         graphs = self.runner.graphs
         return (graphs is not None and not self.num_drafts and graphs.takes(batch)
-                and not any(s.seq.sampling.logprobs for s in batch))
+                and all(s.samples and not s.seq.sampling.logprobs for s in batch))
 
     def _launch(self, batch: list[ScheduledSeq]) -> InFlight:
         """Runs an overlapped step up to its tokens' copy to the host, and commits it (one token each)."""

@@ -141,7 +141,9 @@ def side_by_side(oracle: EngineCore, padded: EngineCore, arrivals: dict[int, lis
         if compare_pools:
             theirs = pools(padded, entries)
             for name, t in pools(oracle, entries).items():
-                assert torch.allclose(t, theirs[name], rtol=1e-5, atol=1e-5), f"{name}, step {step} (seed {seed})"
+                # fp32 to 1e-4, as the logits: CPU matmuls of 8 padded rows and of 7 unpadded ones round differently
+                # (seed 2110294089 wrote a key 1.7e-5 apart); a stray padding write differs by O(1)
+                assert torch.allclose(t, theirs[name], rtol=1e-4, atol=1e-4), f"{name}, step {step} (seed {seed})"
         step += 1
     assert tokens[0] == tokens[1] and len(tokens[0]) == sum(map(len, arrivals.values())), f"seed {seed}"
     return padded_steps

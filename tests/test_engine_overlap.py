@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+import pytest
 from kvbuffer.service.engine.core import EngineCore
 from qwen3_next_cases import fresh_seed, make_core, request, run_to_end
 
@@ -108,3 +109,29 @@ def test_a_one_token_prefill_piece_among_decodes_is_not_overlapped():
     for rid, chunk in want.items():
         assert (got[rid].token_ids, got[rid].finish_reason) == (chunk.token_ids, chunk.finish_reason), (
             f"{rid} (seed {seed})")
+
+
+def test_a_step_failing_after_its_read_back_still_ends_the_requests_it_finished():
+    """A request whose last token is read back at the start of a synchronous step (one with a new prefill) has left
+    the engine by the time the forward runs; if that forward fails, abort_all must still hand over its last chunk,
+    or its stream would never end."""
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    core = make_core(cuda_graph_max_batch=16, **SETTINGS)
+    x = request("x", [rng.randrange(256) for _ in range(10)], max_new_tokens=3, ignore_eos=True)
+    core.add(x, core.validate(x))
+    streamed: list[int] = []
+    while not (core._inflight and core.requests["x"].num_output_tokens + core.requests["x"].pending == 3):
+        streamed += [t for _, c in core.step() for t in c.token_ids]
+    y = request("y", [rng.randrange(256) for _ in range(20)], max_new_tokens=3, ignore_eos=True)
+    core.add(y, core.validate(y))  # a prefill: the next step reads back first, then runs synchronously
+
+    def failing_forward(batch):
+        raise RuntimeError("the forward failed")
+
+    core.runner.run = failing_forward
+    with pytest.raises(RuntimeError, match="forward failed"):
+        core.step()
+    ended = dict(core.abort_all("error"))
+    assert ended["x"].finish_reason == "length" and ended["y"].finish_reason == "error", f"seed {seed}"
+    assert len(streamed) + len(ended["x"].token_ids) == 3 and all_free(core), f"seed {seed}"

@@ -91,6 +91,7 @@ class EngineCore:
         self.tokens_by_path = dict.fromkeys(PATHS, 0)
         self.flushes = self.drafted_tokens = self.accepted_tokens = 0
         self._inflight: InFlight | None = None
+        self._unsent: list[tuple[str, GenerateChunk]] = []  # chunks of the current step, in the order made
 
     # requests in and out
     def validate(self, request: GenerateRequest) -> list[int]:
@@ -116,9 +117,11 @@ class EngineCore:
         return self._finish(seq, "cancelled", [], "")
 
     def abort_all(self, reason: FinishReason) -> list[tuple[str, GenerateChunk]]:
-        """Ends every active request (shutdown, or an error in a step) and frees all memory."""
+        """Ends every active request (shutdown, or an error in a step) and frees all memory; first the chunks a
+        failed step made but could not return (the last ones of the requests it ended)."""
         self._inflight = None  # its requests all end here; the device finishes the step on its own
-        return [(rid, self._finish(seq, reason, [], "")) for rid, seq in list(self.requests.items())]
+        return self._take_unsent() + [(rid, self._finish(seq, reason, [], "")) for rid, seq in
+                                      list(self.requests.items())]
 
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running or self._inflight)
@@ -134,30 +137,36 @@ class EngineCore:
                 seq.drafts = propose_ngram(seq.token_ids, room)
 
     def step(self) -> list[tuple[str, GenerateChunk]]:
-        """One engine step; the chunks it produced, by request id (an overlapped step: those of the step before)."""
+        """One engine step; the chunks it produced, by request id (an overlapped step: those of the step before).
+        Chunks are gathered in `_unsent` as they are made, so a step that fails part-way (and the `abort_all`
+        after it) still delivers the last chunk of every request it ended."""
         self._propose()
         batch = self.runner.order(self.scheduler.schedule())
         if batch and self._overlaps(batch):
             launched = self._launch(batch)
-            out = self._read_back()
+            self._read_back()
             self._inflight = launched
-            return out
-        out = self._read_back()
+            return self._take_unsent()
+        self._read_back()
         batch = [s for s in batch if s.seq.status is Status.RUNNING]  # a token read back may have ended one
-        if not batch:
-            return out
-        logits, spans = self.runner.run(batch)
-        emitted = choose_batch(logits, spans, [s.drafts for s in batch], [s.seq.sampling for s in batch],
-                               [s.seq.generator for s in batch])
-        accepted = []
-        for s, tokens in zip(batch, emitted, strict=True):
-            kept = s.n - len(s.drafts) + max(len(tokens) - 1, 0)
-            self.memory.commit(s.seq, s.step, kept)
-            accepted.append(kept)
-        if self.num_drafts:
-            self.runner.rollback(batch, accepted)
-        return out + [chunk for s, span, tokens in zip(batch, spans, emitted, strict=True)
-                      if (chunk := self._emit(s, logits, span, tokens)) is not None]
+        if batch:
+            logits, spans = self.runner.run(batch)
+            emitted = choose_batch(logits, spans, [s.drafts for s in batch], [s.seq.sampling for s in batch],
+                                   [s.seq.generator for s in batch])
+            accepted = []
+            for s, tokens in zip(batch, emitted, strict=True):
+                kept = s.n - len(s.drafts) + max(len(tokens) - 1, 0)
+                self.memory.commit(s.seq, s.step, kept)
+                accepted.append(kept)
+            if self.num_drafts:
+                self.runner.rollback(batch, accepted)
+            for s, span, tokens in zip(batch, spans, emitted, strict=True):
+                self._emit(s, logits, span, tokens)
+        return self._take_unsent()
+
+    def _take_unsent(self) -> list[tuple[str, GenerateChunk]]:
+        unsent, self._unsent = self._unsent, []
+        return unsent
 
     def _overlaps(self, batch: list[ScheduledSeq]) -> bool:
         """A CUDA-graph decode step where every request samples its next token (not a one-token piece of a chunked
@@ -186,29 +195,27 @@ class EngineCore:
                 self.scheduler.remove(seq)  # this token is its last: it leaves the schedule now
         return InFlight(batch, host, ready)
 
-    def _read_back(self) -> list[tuple[str, GenerateChunk]]:
-        """The chunks of the step in flight, once its tokens are on the host (nothing if none is in flight)."""
+    def _read_back(self) -> None:
+        """Streams the tokens of the step in flight (if any) once they are on the host."""
         inflight, self._inflight = self._inflight, None
         if inflight is None:
-            return []
+            return
         if inflight.ready is not None:
             inflight.ready.synchronize()
-        out = []
         for s, token in zip(inflight.batch, inflight.tokens.tolist(), strict=True):
             s.seq.pending -= 1
-            if s.seq.status is not Status.FINISHED and (chunk := self._emit(s, None, (0, 0), [token])) is not None:
-                out.append(chunk)
-        return out
+            if s.seq.status is not Status.FINISHED:
+                self._emit(s, None, (0, 0), [token])
 
-    def _emit(self, s: ScheduledSeq, logits: torch.Tensor | None, span: tuple[int, int], tokens: list[int]
-              ) -> tuple[str, GenerateChunk] | None:
-        """The chunk for one request's tokens of this step. `span` is its (first row, row count) in `logits`, sliced
-        only for a request that asked for logprobs: a step adds no tensor op per request."""
+    def _emit(self, s: ScheduledSeq, logits: torch.Tensor | None, span: tuple[int, int], tokens: list[int]) -> None:
+        """Adds to `_unsent` the chunk for one request's tokens of this step, if any. `span` is its (first row, row
+        count) in `logits`, sliced only for a request that asked for logprobs: a step adds no tensor op per
+        request."""
         seq, st = s.seq, s.seq.stats
         st.flushes += int(s.step.fold or s.step.flush)
         self.flushes += int(s.step.fold or s.step.flush)
         if not tokens:
-            return None
+            return
         st.drafted_tokens += len(s.drafts)
         st.accepted_tokens += len(tokens) - 1
         self.drafted_tokens += len(s.drafts)
@@ -221,9 +228,10 @@ class EngineCore:
         delta, stopped = text_delta(seq, self.tokenizer, reason is not None)
         reason = "stop" if stopped else reason
         if reason is not None:
-            return seq.request_id, self._finish(seq, reason, new, delta, lps)
-        return seq.request_id, GenerateChunk(new, delta, lps, prompt_tokens=seq.prompt_len,
-                                  completion_tokens=seq.num_output_tokens)
+            self._unsent.append((seq.request_id, self._finish(seq, reason, new, delta, lps)))
+        else:
+            self._unsent.append((seq.request_id, GenerateChunk(new, delta, lps, prompt_tokens=seq.prompt_len,
+                                                               completion_tokens=seq.num_output_tokens)))
 
     def _finish(self, seq: Sequence, reason: FinishReason, new: list[int], delta: str,
                 lps: list[float] | None = None) -> GenerateChunk:

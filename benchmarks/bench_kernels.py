@@ -80,29 +80,31 @@ class Dims:
 
 
 TUNING_SPEC = re.compile(r"(?P<launches>one|two|auto)?-?(?:v(?P<block_v>\d+))?(?:w(?P<num_warps>\d+))?"
-                         r"(?:l(?P<block_l>\d+))?(?:k(?P<flush_k_chunk>\d+))?(?:s(?P<scores_warps>\d+))?")
+                         r"(?:l(?P<block_l>\d+))?(?:s(?P<scores_warps>\d+))?"
+                         r"(?:p(?P<programmatic>[01]))?")
 
 
 @dataclass(frozen=True)
 class Tuning:
     """Launch parameters of our rows, spelled as on the command line (`--tunings`): `one`/`two` force the decode's
     single launch or its scores launch first (default: the kernels' batch-size threshold), `v` value rows per
-    program, `w` warps, `l` buffer entries per product, `k` the fused flush's key columns per product, `s` warps of
-    verify's scores launch; e.g. `v8w1k16`, `two-v16w1`, `v128w4s1`. Unset parts keep the kernels' defaults."""
+    program, `w` warps, `l` buffer entries per product, `s` warps of verify's scores launch, `p0`/`p1` verify's apply
+    launch overlapping its scores launch off/on (programmatic dependent launch); e.g. `v8w1`, `two-v16w1`,
+    `v128w4s1`, `p0`. Unset parts keep the kernels' defaults."""
 
     spec: str = ""
     launches: str = "auto"
     block_v: int | None = None
     num_warps: int | None = None
     block_l: int | None = None
-    flush_k_chunk: int | None = None
     scores_warps: int | None = None
+    programmatic: int | None = None
 
     @classmethod
     def parse(cls, spec: str) -> Tuning:
         match = TUNING_SPEC.fullmatch(spec)
         if match is None or not spec:
-            raise argparse.ArgumentTypeError(f"bad tuning {spec!r}: write e.g. auto, two, v8w1k16, two-v16w1s2")
+            raise argparse.ArgumentTypeError(f"bad tuning {spec!r}: write e.g. auto, two, v8w1, two-v16w1s2, p0")
         parts = {name: value for name, value in match.groupdict().items() if value is not None}
         return cls(spec="" if spec == "auto" else spec, launches=parts.pop("launches", "auto"),
                    **{name: int(value) for name, value in parts.items()})
@@ -117,7 +119,8 @@ class Tuning:
         """Sets the kernels' module-level launch constants for the duration of a call."""
         from kvbuffer.kernels import step
         overrides = {"INLINE_SCORES_MAX_REQUESTS": {"one": sys.maxsize, "two": 0}.get(self.launches),
-                     "FLUSH_K_CHUNK": self.flush_k_chunk, "SCORES_WARPS": self.scores_warps}
+                     "SCORES_WARPS": self.scores_warps,
+                     "PROGRAMMATIC_LAUNCH": None if self.programmatic is None else bool(self.programmatic)}
         saved = {name: getattr(step, name) for name in overrides}
         for name, value in overrides.items():
             if value is not None:
@@ -493,13 +496,14 @@ def case_fla(env: Env, bt: Batch) -> Case:
                 model_bytes=bt.B * 2 * d.state_bytes)
 
 
-def case_ours_recurrent(env: Env, bt: Batch) -> Case:
+def case_ours_recurrent(env: Env, bt: Batch, tuning: Tuning) -> Case:
     d, p, tok = env.dims, env.params, bt.tok
     pool, slots = make_pool(env, bt.S0)
 
     def step(s: int) -> torch.Tensor:
-        return env.ops.recurrent_decode(*tok.split(s), p.A_log, p.dt_bias, pool, slots, scale=p.scale,
-                                        backend=env.backend, check_values=False)
+        with tuning.applied():
+            return env.ops.recurrent_decode(*tok.split(s), p.A_log, p.dt_bias, pool, slots, scale=p.scale,
+                                            backend=env.backend, check_values=False)
 
     everyone = torch.ones(bt.B, dtype=torch.bool, device=env.device)
     return Case(step=step, reference=partial(sgl_reference, env, bt, bt.S0), written=_rows(everyone, pool, slots),
@@ -788,7 +792,8 @@ def decode_cases(env: Env, bt: Batch) -> list[tuple[str, str, bool, Callable[[],
         cases += [("sgl replayssm", f"L={L}", False, partial(case_sgl_replayssm, env, bt, L)) for L in rings]
     if env.fla is not None:
         cases.append(("fla recurrent", "", False, partial(case_fla, env, bt)))
-    cases.append(("ours recurrent", "", env.sgl is None, partial(case_ours_recurrent, env, bt)))
+    cases += [("ours recurrent", tuning.spec, env.sgl is None and tuning == plan.tunings[0],
+               partial(case_ours_recurrent, env, bt, tuning)) for tuning in plan.tunings]
     cases += [("ours buffered", f"C={C} {tuning.spec}".rstrip(), False, partial(case_ours_buffered, env, bt, C, tuning))
               for C in plan.chunks for tuning in plan.tunings]
     return cases
@@ -894,7 +899,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--drafts", type=int, nargs="+", help="draft tokens per request in verify")
     ap.add_argument("--verify-chunk", type=int, help="chunk size of ours verify (buffer lengths staggered below it)")
     ap.add_argument("--tunings", type=Tuning.parse, nargs="+",
-                    help="launch parameters of our rows, one row each (see Tuning; e.g. auto two v8w1k16 v128w4s1)")
+                    help="launch parameters of our rows, one row each (see Tuning; e.g. auto two v8w1 v128w4s1 p0)")
     ap.add_argument("--steps", type=int, help="consecutive steps per CUDA graph")
     ap.add_argument("--replays", type=int, help="graph replays per trial")
     ap.add_argument("--trials", type=int, help="trials (median reported)")

@@ -81,11 +81,12 @@ def step_builds(H: int = 16, HV: int = 32, K: int = 128, V: int = 128, capacity:
     ints = dict.fromkeys(("cu_seqlens", "buf_slots", "buf_lens", "read_slots", "write_slots"), "*i32")
     types = {**inputs, **floats, **ints, "buf_decay": "*fp64", "offset": "i32", "scale": "fp32"}
     shape = dict(H=H, HV=HV, K=K, BK=BK)
-    decode = dict(shape, V=V, L=capacity, BV=BV, BL=block_l, KC=min(BK, step.FLUSH_K_CHUNK))
+    decode = dict(shape, V=V, L=capacity, BV=BV, BL=block_l)
     fold_shape = dict(H=H, HV=HV, K=K, V=V, L=capacity, BK=BK, BV=fold_BV, KC=min(BK, 32), BL=block_l)
     fold_types = {"states": "*fp32", "buf_keys": "*" + key_type, "buf_values": "*fp32", "weights": "*fp32",
                   "decays": "*fp32", **ints}
     block_warps = block_tuning["num_warps"].default
+    pdl = step.PROGRAMMATIC_LAUNCH  # what a Hopper GPU launches: verify scores, then an apply that overlaps it
     return [
         Build("decode scores", step._decode_scores_kernel, types, dict(shape, L=capacity, BL=block_l),
               step.DECODE_SCORES_WARPS, may_spill=True),
@@ -97,10 +98,10 @@ def step_builds(H: int = 16, HV: int = 32, K: int = 128, V: int = 128, capacity:
               dict(decode, L=1, HAS_BUFFER=False, INLINE_SCORES=False), decode_warps),
         Build(f"verify scores (T={tokens})", step._scores_kernel, types,
               dict(shape, L=capacity, BL=block_l, BT=BT, BG=triton.next_power_of_2(HV // H),
-                   KC=min(BK, step.SCORES_K_CHUNK), PRECISION="tf32"), step.SCORES_WARPS, may_spill=True),
+                   KC=min(BK, step.SCORES_K_CHUNK), PRECISION="tf32", PDL=pdl), step.SCORES_WARPS, may_spill=True),
         Build(f"verify apply (T={tokens})", step._block_apply_kernel, types,
               dict(shape, V=V, L=capacity, BV=block_BV, BL=block_l, BT=BT, EXACT_INPUTS=key_type != "fp32",
-                   KC=min(BK, step.VERIFY_K_CHUNK), STAGES=step.VERIFY_STAGES),
+                   KC=min(BK, step.VERIFY_K_CHUNK), STAGES=step.VERIFY_STAGES, PDL=pdl),
               block_warps),
         Build("fold", _fold_kernel, fold_types, fold_shape, fold_tuning["num_warps"].default),
     ]

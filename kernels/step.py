@@ -13,11 +13,14 @@ speed with few registers live:
    registers. Both append the new keys and decays to the buffer.
 2. Apply, one program per (value tile, request, value head), reads its checkpoint tile once:
        d_t = beta_t (v_t - e^{G_t} S0^T k_t - sum_j w_k[t, j] d_j),   o_t = e^{G_t} S0^T q_t + sum_j w_q[t, j] d_j
-   `_decode_apply_kernel` (one token) streams the buffered corrected values once and fuses the flush.
+   `_decode_apply_kernel` (one token) streams the buffered corrected values once and fuses the flush: a flushing
+   program adds the buffer to the checkpoint tile it already holds, one rank-1 update per entry (no second read).
    `_block_apply_kernel` computes a whole block with matrix products: S0 against all T keys and queries (S0
    streamed in pipelined key chunks, so its loads overlap the products and few registers hold it), the
    buffer's values against all T weight rows in one pass, then D = (I + diag(beta) A)^{-1} diag(beta) X and
    O = e^{G} Q S0 + W_q D, so no token waits for the one before it.
+On Hopper the block apply launch overlaps its scores launch (programmatic dependent launch): it streams its
+checkpoint tile before waiting for the scores (for decode this measured 1-2% slower at B >= 256, so it is off).
 Decode batches of at most INLINE_SCORES_MAX_REQUESTS requests skip the scores launch: each apply program weighs
 the buffer itself (redundant across value tiles, but one launch instead of two where launch latency dominates).
 The recurrent baseline is the decode apply alone with gating inline, flushing every step, no buffer.
@@ -28,9 +31,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .pools import BufferPool
-from .tiles import NORM_EPS, block, fold_into, gate, l2norm_vec
+from .tiles import NORM_EPS, block, gate, l2norm_vec
 
 Tensor = torch.Tensor
 
@@ -49,8 +53,15 @@ INLINE_SCORES_MAX_REQUESTS = 4
 # own tokens i <= t, from column n)
 WEIGHT_KINDS = tl.constexpr(3)
 COEFS = tl.constexpr(3)  # e^{G_t}, beta_t, q_t . k_t (blocks: e^{G_t} only)
-# the fused flush's products: 16 entries (the least tl.dot contracts over) x 16 key columns
-FLUSH_ENTRIES, FLUSH_K_CHUNK = tl.constexpr(16), 16
+# the fused flush adds one buffered entry per loop iteration to the checkpoint tile, its loads this many ahead
+FLUSH_STAGES = tl.constexpr(3)
+# programmatic dependent launch (Hopper on): the block apply reads checkpoints while its scores launch runs
+PROGRAMMATIC_LAUNCH = True
+
+
+def _programmatic(device: torch.device) -> bool:
+    """Whether the block apply may overlap its scores launch: needs sm_90+ (the interpreter has no grid control)."""
+    return PROGRAMMATIC_LAUNCH and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @triton.jit
@@ -95,7 +106,7 @@ def _scores_kernel(
     q, k, a, b, A_log, dt_bias, buf_keys, buf_decay, cu_seqlens, buf_slots, buf_lens, weights, solve, coefs,
     offset, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BL: tl.constexpr,
-    BT: tl.constexpr, BG: tl.constexpr, KC: tl.constexpr, PRECISION: tl.constexpr,
+    BT: tl.constexpr, BG: tl.constexpr, KC: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     """Scores of a block of up to BT tokens per request, and its solve rows P = (I + diag(beta) A)^{-1} diag(beta).
 
@@ -103,6 +114,8 @@ def _scores_kernel(
     buffered-key loads and their raw products; each value head then applies its own decays and gates (the group's
     gates and decays at once as [BG, BT] tiles, BG = HV / H rounded up to a power of 2). Products run in key chunks
     of KC columns, so no whole [16, K] tile stays live (KC = BK: whole tiles)."""
+    if PDL:  # the apply launch may start its checkpoint reads now
+        gdc_launch_dependents()
     i_b, i_hk = tl.program_id(0), tl.program_id(1)
     GROUP: tl.constexpr = HV // H
     first, T = _round(cu_seqlens, offset, i_b, BT)
@@ -230,7 +243,7 @@ def _decode_apply_kernel(
     q, k, v, a, b, A_log, dt_bias, out,
     states, buf_keys, buf_values, buf_decay, buf_slots, buf_lens, read_slots, write_slots, weights, coefs, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, KC: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr,
     HAS_BUFFER: tl.constexpr, INLINE_SCORES: tl.constexpr,
 ):
     """One token per request: output, corrected value, and the fused flush where write_slots >= 0."""
@@ -302,16 +315,15 @@ def _decode_apply_kernel(
     if HAS_BUFFER:
         tl.store(values_base + n * V + offs_v, d, mask=mask_v)
     write = tl.load(write_slots + i_b).to(tl.int64)
-    if write >= 0:  # the flush: fold checkpoint + buffer + this token
-        k_row = k + (tk * H + i_hk) * K
-        k_full = tl.load(k_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        inv_kn = tl.rsqrt(tl.sum(k_full * k_full) + NORM_EPS)
+    if write >= 0:  # the flush, from the checkpoint tile in registers: one rank-1 update per entry
+        S = eG * S0 + d[:, None] * kn[None, :]
         if HAS_BUFFER:
-            fold_into(states, read, write, eG, buf_keys + (slot * H + i_hk) * L * K, values_base, w_base, n, d,
-                      k_row, inv_kn, i_h, offs_v, mask_v, rows_held, HV, K, V, BK, KC, FLUSH_ENTRIES)
-        else:  # the recurrence itself: no buffer
-            fold_into(states, read, write, eG, k_row, states, states, 0, d, k_row, inv_kn,
-                      i_h, offs_v, mask_v, rows_held, HV, K, V, BK, KC, FLUSH_ENTRIES)
+            keys_base = buf_keys + (slot * H + i_hk) * L * K
+            for j in tl.range(0, n, num_stages=FLUSH_STAGES):
+                k_j = tl.load(keys_base + j * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                d_j = tl.load(values_base + j * V + offs_v, mask=mask_v, other=0.0)
+                S += d_j[:, None] * (k_j * tl.load(w_base + j))[None, :]
+        tl.store(states + write * HV * V * K + tile, S, mask=mask_v[:, None] & mask_k[None, :])
 
 
 @triton.jit
@@ -338,7 +350,7 @@ def _block_apply_kernel(
     offset, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, BT: tl.constexpr, EXACT_INPUTS: tl.constexpr,
-    KC: tl.constexpr, STAGES: tl.constexpr,
+    KC: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
     """A block of up to BT tokens per request as matrix products; the checkpoint and the buffer read once.
 
@@ -353,7 +365,6 @@ def _block_apply_kernel(
         read = tl.load(read_slots + i_b).to(tl.int64)
         rows_held = tl.where(read >= 0, V, 0)
         S0_rows = states + tl.maximum(read, 0) * HV * V * K + i_h * V * K + offs_v[:, None] * K
-        eG = tl.load(coefs + (tok * HV + i_h) * COEFS, mask=mask_t, other=0.0)
         KS = tl.zeros([BT, BV], dtype=tl.float32)
         QS = tl.zeros([BT, BV], dtype=tl.float32)
         kk = tl.zeros([BT], dtype=tl.float32)
@@ -370,6 +381,9 @@ def _block_apply_kernel(
             qq += tl.sum(Qc * Qc, axis=1)
             KS += _dot_fp32(Kc, S0_hi, S0_lo, EXACT_INPUTS)
             QS += _dot_fp32(Qc, S0_hi, S0_lo, EXACT_INPUTS)
+        if PDL:  # the checkpoint pass is done; what follows reads the scores launch's writes
+            gdc_wait()
+        eG = tl.load(coefs + (tok * HV + i_h) * COEFS, mask=mask_t, other=0.0)
         KS *= (eG * tl.rsqrt(kk + NORM_EPS))[:, None]
         QS *= (eG * tl.rsqrt(qq + NORM_EPS) * scale)[:, None]
 
@@ -449,7 +463,7 @@ def _decode(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor
                                            num_warps=DECODE_SCORES_WARPS)
     _decode_apply_kernel[(triton.cdiv(V, BV), N, HV)](
         q, k, v, a, b, A_log, dt_bias, out, states, keys, values, decay, buf_slots, buf_lens, read_slots, write_slots,
-        weights, coefs, scale, H=H, HV=HV, K=K, V=V, L=L, BK=BK, BV=BV, BL=block_l, KC=min(BK, FLUSH_K_CHUNK),
+        weights, coefs, scale, H=H, HV=HV, K=K, V=V, L=L, BK=BK, BV=BV, BL=block_l,
         HAS_BUFFER=buffer is not None, INLINE_SCORES=inline, num_warps=num_warps)
     return out
 
@@ -472,15 +486,16 @@ def _blocks(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor
     coefs = torch.empty(N, HV, COEFS.value, dtype=torch.float32, device=q.device)
     exact = q.dtype != torch.float32 and k.dtype != torch.float32  # 16-bit inputs: exact in tf32
     precision = "tf32" if exact else "tf32x3"
+    pdl = _programmatic(q.device)
     for offset in range(0, max_tokens, BT):
         _scores_kernel[(n_req, H)](q, k, a, b, A_log, dt_bias, buffer.keys, buffer.decay, cu_seqlens, buf_slots,
                                    buf_lens, weights, solve, coefs, offset, scale, H=H, HV=HV, K=K, L=L, BK=BK,
                                    BL=block_l, BT=BT, BG=triton.next_power_of_2(HV // H), KC=min(BK, SCORES_K_CHUNK),
-                                   PRECISION=precision, num_warps=SCORES_WARPS)
+                                   PRECISION=precision, PDL=pdl, num_warps=SCORES_WARPS)
         _block_apply_kernel[(triton.cdiv(V, BV), n_req, HV)](
             q, k, v, out, states, buffer.values, cu_seqlens, buf_slots, buf_lens, read_slots, weights, solve, coefs,
             offset, scale, H=H, HV=HV, K=K, V=V, L=L, BK=BK, BV=BV, BL=block_l, BT=BT, EXACT_INPUTS=exact,
-            KC=min(BK, VERIFY_K_CHUNK), STAGES=VERIFY_STAGES, num_warps=num_warps)
+            KC=min(BK, VERIFY_K_CHUNK), STAGES=VERIFY_STAGES, PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
     return out
 
 

@@ -203,13 +203,15 @@ def decode_table(args: argparse.Namespace, loaded: LoadedModel, device: torch.de
 def concurrency_table(args: argparse.Namespace, cfg: ModelConfig, dtype: torch.dtype) -> None:
     """Per request, KVBuffer holds its buffer always and a checkpoint once its context reaches buffer_size;
     drafts need no extra state. The recurrent baseline holds its state plus one state per draft token.
-    Bytes come from the engine's own pool accounting (conv states, equal in both, left out)."""
+    Bytes come from the engine's own pool accounting (conv states left out: one per request in KVBuffer, and
+    SGLang's baseline keeps one per draft token too, so leaving them out favours the baseline). The last column
+    counts checkpoint states alone, as a state pool sized in slots does (buffers then live beside the KV cache)."""
     drafts, budget = 4, args.state_budget_mib * MiB
     print("\n### 2. Concurrent requests under one state-memory budget, speculation with 4 draft tokens\n")
     print(f"State-memory budget {args.state_budget_mib} MiB over {len(cfg.linear_layers)} GDN layers.\n")
     print("| buffer_size | chunk_size | context | KVBuffer MiB/request | recurrent + drafts MiB/request "
-          "| KVBuffer requests | recurrent requests | ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| KVBuffer requests | recurrent requests | ratio | ratio in state slots |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for chunk in sorted({args.chunk_size, 16}):
         for buffer_size in sorted({chunk + drafts, max(args.buffer_size, chunk + drafts)}):
             ec = EngineConfig(buffer_size=buffer_size, chunk_size=chunk, speculative_algorithm="ngram",
@@ -217,10 +219,11 @@ def concurrency_table(args: argparse.Namespace, cfg: ModelConfig, dtype: torch.d
             buffer = len(cfg.linear_layers) * buffer_bytes(cfg, ec, dtype)
             state = len(cfg.linear_layers) * state_bytes(cfg)
             recurrent = (1 + drafts) * state
-            for label, kv in ((f"< {buffer_size} tokens", buffer), (f">= {buffer_size} tokens", buffer + state)):
+            for label, kv, slots in ((f"< {buffer_size} tokens", buffer, "no slot"),
+                                     (f">= {buffer_size} tokens", buffer + state, f"{1 + drafts:.1f}x")):
                 n_kv, n_rec = budget // kv, budget // recurrent
                 print(f"| {buffer_size} | {chunk} | {label} | {kv / MiB:.2f} | {recurrent / MiB:.2f} | {n_kv} | "
-                      f"{n_rec} | {n_kv / max(n_rec, 1):.1f}x |")
+                      f"{n_rec} | {n_kv / max(n_rec, 1):.1f}x | {slots} |")
 
 
 def state_memory_table(args: argparse.Namespace, loaded: LoadedModel, device: torch.device) -> None:

@@ -496,14 +496,13 @@ def case_fla(env: Env, bt: Batch) -> Case:
                 model_bytes=bt.B * 2 * d.state_bytes)
 
 
-def case_ours_recurrent(env: Env, bt: Batch, tuning: Tuning) -> Case:
+def case_ours_recurrent(env: Env, bt: Batch) -> Case:
     d, p, tok = env.dims, env.params, bt.tok
     pool, slots = make_pool(env, bt.S0)
 
     def step(s: int) -> torch.Tensor:
-        with tuning.applied():
-            return env.ops.recurrent_decode(*tok.split(s), p.A_log, p.dt_bias, pool, slots, scale=p.scale,
-                                            backend=env.backend, check_values=False)
+        return env.ops.recurrent_decode(*tok.split(s), p.A_log, p.dt_bias, pool, slots, scale=p.scale,
+                                        backend=env.backend, check_values=False)
 
     everyone = torch.ones(bt.B, dtype=torch.bool, device=env.device)
     return Case(step=step, reference=partial(sgl_reference, env, bt, bt.S0), written=_rows(everyone, pool, slots),
@@ -792,8 +791,7 @@ def decode_cases(env: Env, bt: Batch) -> list[tuple[str, str, bool, Callable[[],
         cases += [("sgl replayssm", f"L={L}", False, partial(case_sgl_replayssm, env, bt, L)) for L in rings]
     if env.fla is not None:
         cases.append(("fla recurrent", "", False, partial(case_fla, env, bt)))
-    cases += [("ours recurrent", tuning.spec, env.sgl is None and tuning == plan.tunings[0],
-               partial(case_ours_recurrent, env, bt, tuning)) for tuning in plan.tunings]
+    cases.append(("ours recurrent", "", env.sgl is None, partial(case_ours_recurrent, env, bt)))
     cases += [("ours buffered", f"C={C} {tuning.spec}".rstrip(), False, partial(case_ours_buffered, env, bt, C, tuning))
               for C in plan.chunks for tuning in plan.tunings]
     return cases

@@ -40,7 +40,7 @@ class Tuning(TypedDict, total=False):
 
 
 def _check_tuning(tuning: Tuning | None) -> Tuning:
-    least = {"block_v": 1, "block_l": 16, "num_warps": 1}  # tl.dot contracts over at least 16 entries
+    least = {"block_v": 1, "block_l": 16, "num_warps": 1}  # verify's tl.dot contracts over at least 16 entries
     for name, value in (tuning or {}).items():
         if name not in least:
             raise ValueError(f"tuning has no parameter {name!r} (it takes {', '.join(least)})")

@@ -318,6 +318,8 @@ def _decode_apply_kernel(
     if write >= 0:  # the flush, from the checkpoint tile in registers: one rank-1 update per entry
         S = eG * S0 + d[:, None] * kn[None, :]
         if HAS_BUFFER:
+            if INLINE_SCORES:  # the weights read below were stored by other threads of this program
+                tl.debug_barrier()
             keys_base = buf_keys + (slot * H + i_hk) * L * K
             for j in tl.range(0, n, num_stages=FLUSH_STAGES):
                 k_j = tl.load(keys_base + j * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)

@@ -82,7 +82,7 @@ def step_builds(H: int = 16, HV: int = 32, K: int = 128, V: int = 128, capacity:
     types = {**inputs, **floats, **ints, "buf_decay": "*fp64", "offset": "i32", "scale": "fp32"}
     shape = dict(H=H, HV=HV, K=K, BK=BK)
     decode = dict(shape, V=V, L=capacity, BV=BV, BL=block_l)
-    fold_shape = dict(H=H, HV=HV, K=K, V=V, L=capacity, BK=BK, BV=fold_BV, KC=min(BK, 32), BL=block_l)
+    fold_shape = dict(H=H, HV=HV, K=K, V=V, L=capacity, BK=BK, BV=fold_BV)
     fold_types = {"states": "*fp32", "buf_keys": "*" + key_type, "buf_values": "*fp32", "weights": "*fp32",
                   "decays": "*fp32", **ints}
     block_warps = block_tuning["num_warps"].default

@@ -34,7 +34,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .pools import BufferPool
-from .tiles import NORM_EPS, block, gate, l2norm_vec
+from .tiles import NORM_EPS, add_buffer, block, gate, l2norm_vec
 
 Tensor = torch.Tensor
 
@@ -53,8 +53,6 @@ INLINE_SCORES_MAX_REQUESTS = 4
 # own tokens i <= t, from column n)
 WEIGHT_KINDS = tl.constexpr(3)
 COEFS = tl.constexpr(3)  # e^{G_t}, beta_t, q_t . k_t (blocks: e^{G_t} only)
-# the fused flush adds one buffered entry per loop iteration to the checkpoint tile, its loads this many ahead
-FLUSH_STAGES = tl.constexpr(3)
 # programmatic dependent launch (Hopper on): the block apply reads checkpoints while its scores launch runs
 PROGRAMMATIC_LAUNCH = True
 
@@ -320,11 +318,8 @@ def _decode_apply_kernel(
         if HAS_BUFFER:
             if INLINE_SCORES:  # the weights read below were stored by other threads of this program
                 tl.debug_barrier()
-            keys_base = buf_keys + (slot * H + i_hk) * L * K
-            for j in tl.range(0, n, num_stages=FLUSH_STAGES):
-                k_j = tl.load(keys_base + j * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-                d_j = tl.load(values_base + j * V + offs_v, mask=mask_v, other=0.0)
-                S += d_j[:, None] * (k_j * tl.load(w_base + j))[None, :]
+            S = add_buffer(S, buf_keys + (slot * H + i_hk) * L * K, values_base, w_base, n, offs_k, mask_k, offs_v,
+                           mask_v, K, V)
         tl.store(states + write * HV * V * K + tile, S, mask=mask_v[:, None] & mask_k[None, :])
 
 

@@ -14,11 +14,11 @@ WORKDIR /src
 COPY . .
 RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /dist . \
     && for wheel in /dist/kvbuffer-*.whl; do \
-         echo "kvbuffer @ file://${wheel}" > /dist/cpu.txt; \
+         echo "kvbuffer[operator] @ file://${wheel}" > /dist/cpu.txt; \
          echo "kvbuffer[sglang] @ file://${wheel}" > /dist/gpu.txt; \
        done
 
-# CPU: kvbuffer and CPU torch in a virtual environment that the final stage copies whole.
+# CPU: kvbuffer (with the operator's extra) and CPU torch in a virtual environment the final stage copies whole.
 FROM ${PYTHON_IMAGE} AS cpu-venv
 ARG TORCH_VERSION=2.13.0
 RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \

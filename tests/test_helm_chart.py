@@ -205,7 +205,7 @@ def test_tls_and_token_come_from_secrets() -> None:
     assert "--ca-file" in generate["args"] and "--ca-file" in test_pod["spec"]["initContainers"][0]["command"]
 
 
-def test_server_has_a_headless_service_and_a_disruption_budget() -> None:
+def test_server_has_a_headless_service_and_every_service_a_disruption_budget() -> None:
     replicas = random.randint(2, 6)
     objects = render(None, "server.enabled=true", f"server.replicas={replicas}")
     services = {s["metadata"]["name"]: s["spec"] for s in of_kind(objects, "Service")}
@@ -213,10 +213,14 @@ def test_server_has_a_headless_service_and_a_disruption_budget() -> None:
     assert services["kvbuffer"]["selector"] == services["kvbuffer-headless"]["selector"]
     pod_labels = _server(objects)["spec"]["template"]["metadata"]["labels"]
     assert services["kvbuffer"]["selector"].items() <= pod_labels.items()
-    (budget,) = of_kind(objects, "PodDisruptionBudget")
-    assert budget["spec"]["maxUnavailable"] == 1
-    assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
-    assert not of_kind(render(None, "server.enabled=true", "server.replicas=1"), "PodDisruptionBudget")
+    budgets = {b["metadata"]["name"]: b["spec"] for b in of_kind(objects, "PodDisruptionBudget")}
+    assert budgets["kvbuffer"]["maxUnavailable"] == 1
+    assert budgets["kvbuffer"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    # The default KVBufferService's pods, labelled by the operator as CONTRACTS.md says, have theirs.
+    assert budgets["tiny-qwen3-next"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "kvbuffer", "app.kubernetes.io/instance": "tiny-qwen3-next",
+        "app.kubernetes.io/component": "server"}
+    assert not of_kind(render(None, "podDisruptionBudget.enabled=false"), "PodDisruptionBudget")
 
 
 def test_pods_of_the_direct_server_carry_the_operators_pod_labels() -> None:

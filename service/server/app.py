@@ -35,6 +35,21 @@ class StartupError(RuntimeError):
     """The server cannot start as configured; the message names the setting involved."""
 
 
+# Once a connection has reached max_connection_age_s, gRPC sends GOAWAY: the client opens a new connection
+# (re-resolving the name) for new calls; calls in flight finish on the old one, whatever their length.
+_UNBOUNDED_GRACE_MS = 2**31 - 1
+
+
+def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    """gRPC server channel arguments; so_reuseport off: a second server on a taken port must fail, not
+    silently share it."""
+    options = [("grpc.so_reuseport", 0)]
+    if settings.max_connection_age_s > 0:
+        options += [("grpc.max_connection_age_ms", max(1, round(settings.max_connection_age_s * 1000))),
+                    ("grpc.max_connection_age_grace_ms", _UNBOUNDED_GRACE_MS)]
+    return options
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Rejects RPCs lacking `authorization: Bearer <token>` with UNAUTHENTICATED; health checks stay open so
     that Kubernetes probes and load balancers need no token."""
@@ -105,8 +120,7 @@ class Server:
         settings = self.settings
         self.telemetry.observe(self.engine.stats, lambda: self.admission.in_flight)
         interceptors = [BearerTokenInterceptor(settings.auth.token.get_secret_value())] if settings.auth.token else []
-        # so_reuseport off: a second server on a taken port must fail, not silently share it.
-        self._grpc = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+        self._grpc = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
         servicer = KVBufferServicer(self.engine, self.admission, self.telemetry, settings.engine)
         pb_grpc.add_KVBufferServiceServicer_to_server(servicer, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)

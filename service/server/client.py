@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,15 +30,22 @@ def generate_request(prompt: str | Sequence[int], request_id: str = "", **sampli
     return request
 
 
+# Spread calls over every address the target resolves to (a headless Service's pods, or
+# `ipv4:10.0.0.1:50051,10.0.0.2:50051`), not only the first: gRPC's round_robin policy.
+CHANNEL_OPTIONS = (("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),)
+
+
 class KVBufferClient:
-    """Async client: one channel, optional TLS (root_certificates: PEM; None: the system roots) and bearer token."""
+    """Async client: one channel, optional TLS (root_certificates: PEM; None: the system roots) and bearer token;
+    calls are balanced round robin over the target's addresses."""
 
     def __init__(self, target: str, *, token: str | None = None, tls: bool = False,
                  root_certificates: bytes | None = None) -> None:
         if tls or root_certificates is not None:
-            self._channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates))
+            self._channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates),
+                                                    options=CHANNEL_OPTIONS)
         else:
-            self._channel = grpc.aio.insecure_channel(target)
+            self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.KVBufferServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -96,7 +104,8 @@ class GenerateSettings(BaseSettings, SamplingOptions):
 
     model_config = SettingsConfigDict(env_prefix="KVBUFFER_CLIENT_", extra="forbid", frozen=True)
 
-    target: str = Field("127.0.0.1:50051", description="server address, host:port")
+    target: str = Field("127.0.0.1:50051", description="server address, host:port; a name with several "
+                        "addresses (a headless Service, or ipv4:HOST:PORT,HOST:PORT) is balanced round robin")
     token: SecretStr | None = Field(None, description="bearer token, if the server requires one")
     tls: bool = Field(False, description="connect over TLS (server verified against the system roots or ca_file)")
     ca_file: FilePath | None = Field(None, description="PEM root certificate(s) to verify the server with; "

@@ -85,6 +85,9 @@ class ServiceSettings(BaseSettings):
                                                                 "endpoint (0: any free port)")
     shutdown_grace_period_s: float = Field(30.0, gt=0, le=3600, description="on SIGTERM, seconds in-flight "
                                            "requests get to finish before they are cancelled")
+    max_connection_age_s: float = Field(300.0, ge=0, description="a client connection is closed (after its "
+                                        "in-flight requests end) once this old, so that clients re-resolve the "
+                                        "service name and spread over replicas added since; 0: never")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
     engine: Literal["native"] = Field("native", description="engine implementation")
 

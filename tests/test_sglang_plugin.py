@@ -103,7 +103,7 @@ class Pair:
 
     def folded_states(self) -> torch.Tensor:
         """The plugin's states with every request's buffer folded in (what SGLang's recurrent states hold)."""
-        from kvbuffer.kernels import fold
+        from kvbuffer.kernels.ops import fold
 
         ours = self.backends[1]
         rt, cache = ours._kvbuffer, self.pools[1].mamba_pool.mamba_cache

@@ -15,7 +15,8 @@ a, b `[N, HV]`, states `[slots, HV, V, K]` fp32; outputs `[1, N, HV, V]`.
 from __future__ import annotations
 
 import torch
-from kvbuffer.kernels import buffered_decode, fold, verify
+from kvbuffer.kernels.ops import buffered_decode, fold, verify  # not the package: its `fold` is shadowed once
+# the kvbuffer.kernels.fold module is imported
 
 from . import plan as planning
 from .runtime import Runtime

@@ -1,4 +1,4 @@
-"""SGLang 0.5.17's real GDN attention backend on the CPU, for the plugin's tests.
+"""SGLang 0.5.17's real GDN attention backend on the CPU (or a GPU where there is one), for the plugin's tests.
 
 What runs is SGLang's: `HybridReqToTokenPool` / `MambaPool` (state and conv pools in SGLang's layout),
 `GDNAttnBackend` (metadata, causal conv, split, radix tracking) and its Triton kernels under TRITON_INTERPRET=1.
@@ -25,7 +25,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU the same tests are the plugin's smoke test
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _import_sglang() -> None:
@@ -43,12 +45,12 @@ def _import_sglang() -> None:
 
     register = AutoConfig.register
 
-    def tolerant(model_type, config, exist_ok=False):  # noqa: ANN001, ANN202
+    def tolerant(model_type, config, exist_ok=False):
         return register(model_type, config, exist_ok=True)
 
     AutoConfig.register = tolerant
     try:
-        import sglang.srt.layers.attention.hybrid_linear_attn_backend  # noqa: F401
+        import sglang.srt.layers.attention.hybrid_linear_attn_backend
         import sglang.srt.layers.attention.linear.gdn_backend  # noqa: F401
     finally:
         AutoConfig.register = register
@@ -62,7 +64,6 @@ def require_sglang() -> None:
         pytest.skip(f"sglang is not importable here ({type(e).__name__}: {e}); .ci/run installs it",
                     allow_module_level=True)
     import sglang
-
     from kvbuffer.service.sglang.version import SGLANG_VERSION
 
     if sglang.__version__ != SGLANG_VERSION:
@@ -86,7 +87,7 @@ class Shapes:
         return 2 * self.H * self.K + self.HV * self.V
 
 
-def new_pool(s: Shapes, draft_tokens: int | None = None):  # noqa: ANN201
+def new_pool(s: Shapes, draft_tokens: int | None = None):
     """SGLang's HybridReqToTokenPool on the CPU (fp32 conv and state); with draft_tokens, SGLang's speculative state
     (per-draft conv windows, dense layout; its allocation hard-codes CUDA, so the same tensors are made here)."""
     from sglang.srt.configs.mamba_utils import Mamba2CacheParams, Mamba2StateDType, Mamba2StateShape
@@ -98,19 +99,20 @@ def new_pool(s: Shapes, draft_tokens: int | None = None):  # noqa: ANN201
     params = Mamba2CacheParams(shape=shape, layers=list(range(s.layers)),
                                dtype=Mamba2StateDType(conv=torch.float32, temporal=torch.float32))
     pool = HybridReqToTokenPool(size=s.requests, mamba_size=s.mamba_slots, mamba_spec_state_size=s.requests,
-                                max_context_len=256, device="cpu", enable_memory_saver=False, cache_params=params,
+                                max_context_len=256, device=DEVICE, enable_memory_saver=False, cache_params=params,
                                 mamba_layer_ids=list(range(s.layers)), enable_mamba_extra_buffer=False)
     if draft_tokens:
         cache = pool.mamba_pool.mamba_cache
-        windows = [torch.zeros(s.layers, s.requests + 1, draft_tokens, *conv.shape[2:]) for conv in cache.conv]
+        windows = [torch.zeros(s.layers, s.requests + 1, draft_tokens, *conv.shape[2:], device=DEVICE)
+                   for conv in cache.conv]
         pool.mamba_pool.mamba_cache = MambaPool.SpeculativeState(
             conv=cache.conv, temporal=cache.temporal, intermediate_ssm=torch.zeros(
-                s.layers, s.requests + 1, draft_tokens, *cache.temporal.shape[2:]),
+                s.layers, s.requests + 1, draft_tokens, *cache.temporal.shape[2:], device=DEVICE),
             intermediate_conv_window=windows)
     return pool
 
 
-def server_args(**overrides: object):  # noqa: ANN201
+def server_args(**overrides: object):
     """SGLang's ServerArgs with its declared defaults and `overrides`, published as the process's runtime context.
     Its __post_init__ (which resolves everything against a model on disk and a GPU) is not run."""
     from sglang.srt.runtime_context import get_context
@@ -126,12 +128,12 @@ def server_args(**overrides: object):  # noqa: ANN201
     return args
 
 
-def new_backend(pool, draft_tokens: int | None = None):  # noqa: ANN001, ANN201
+def new_backend(pool, draft_tokens: int | None = None):
     """SGLang's GDNAttnBackend over `pool` (its __init__ runs the plugin's hook when the plugin is loaded)."""
     from sglang.srt.layers.attention.linear.gdn_backend import GDNAttnBackend
 
     args = server_args(speculative_eagle_topk=1 if draft_tokens else None, disable_radix_cache=True)
-    runner = SimpleNamespace(device="cpu", server_args=args, is_draft_worker=False, req_to_token_pool=pool,
+    runner = SimpleNamespace(device=DEVICE, server_args=args, is_draft_worker=False, req_to_token_pool=pool,
                              token_to_kv_pool=None, model_config=None)
     return GDNAttnBackend(runner)
 
@@ -141,7 +143,7 @@ def new_layers(s: Shapes, gen: torch.Generator) -> list:
     from sglang.srt.layers.radix_linear_attention import RadixLinearAttention
 
     def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen) * scale
+        return (torch.randn(*shape, generator=gen) * scale).to(DEVICE)
 
     return [RadixLinearAttention(i, s.H, s.H, s.HV, s.K, s.K, s.V, conv_weights=rand(s.conv_dim, s.conv_kernel,
                                  scale=0.5), bias=rand(s.conv_dim, scale=0.1), activation="silu",
@@ -157,19 +159,19 @@ def batch(mode: str, req_slots: list[int], seq_lens: list[int], extend_lens: lis
                     "verify": ForwardMode.TARGET_VERIFY}[mode]
     n = len(req_slots)
     fb = SimpleNamespace(forward_mode=forward_mode, batch_size=n,
-                         req_pool_indices=torch.tensor(req_slots, dtype=torch.int64),
-                         seq_lens=torch.tensor(seq_lens), seq_lens_cpu=torch.tensor(seq_lens),
+                         req_pool_indices=torch.tensor(req_slots, dtype=torch.int64, device=DEVICE),
+                         seq_lens=torch.tensor(seq_lens, device=DEVICE), seq_lens_cpu=torch.tensor(seq_lens),
                          mamba_track_mask=None, mamba_track_indices=None, mamba_track_seqlens=None,
                          _original_batch_size=None, spec_info=None)
     if mode == "extend":
         lens = torch.tensor(extend_lens)
-        fb.extend_seq_lens, fb.extend_seq_lens_cpu = lens, lens
-        fb.extend_start_loc = torch.cumsum(lens, 0) - lens
-        fb.extend_prefix_lens = torch.tensor(seq_lens) - lens
-        fb.input_ids = torch.zeros(int(lens.sum()), dtype=torch.int64)
+        fb.extend_seq_lens, fb.extend_seq_lens_cpu = lens.to(DEVICE), lens
+        fb.extend_start_loc = (torch.cumsum(lens, 0) - lens).to(DEVICE)
+        fb.extend_prefix_lens = (torch.tensor(seq_lens) - lens).to(DEVICE)
+        fb.input_ids = torch.zeros(int(lens.sum()), dtype=torch.int64, device=DEVICE)
     if mode == "verify":
         fb.spec_info = SimpleNamespace(draft_token_num=draft_tokens, ragged_verify_layout=None)
-        fb.input_ids = torch.zeros(n * draft_tokens, dtype=torch.int64)
+        fb.input_ids = torch.zeros(n * draft_tokens, dtype=torch.int64, device=DEVICE)
     return fb
 
 

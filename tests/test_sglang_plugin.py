@@ -13,9 +13,8 @@ import os
 from types import SimpleNamespace
 
 import pytest
-import torch
-
 import sglang_cpu as sc
+import torch
 
 sc.require_sglang()
 
@@ -33,15 +32,15 @@ def plugin(monkeypatch_module: pytest.MonkeyPatch) -> None:
 
     load_plugins()
     import sglang.srt.layers.attention.linear.gdn_backend as gdn
-
     from kvbuffer.service.sglang.plugin import dispatch
 
     monkeypatch_module.setattr(dispatch, "KERNEL_BACKEND", "triton")
-    monkeypatch_module.setattr(gdn, "causal_conv1d_update", sc.conv1d_update)
+    if sc.DEVICE == "cpu":  # on a GPU, SGLang's own conv kernel runs
+        monkeypatch_module.setattr(gdn, "causal_conv1d_update", sc.conv1d_update)
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module():  # noqa: ANN201
+def monkeypatch_module():
     with pytest.MonkeyPatch.context() as mp:
         yield mp
 
@@ -67,10 +66,11 @@ class Pair:
         self.backends = [sc.new_backend(p, drafts) for p in self.pools]
         sglang, ours = self.backends
         del sglang._kvbuffer, sglang.kernel_dispatcher._kvbuffer  # the oracle runs SGLang's own kernels
-        sglang.kernel_dispatcher.supports_packed_decode = False  # its packed kernel does not run interpreted
+        if sc.DEVICE == "cpu":  # its packed kernel does not run interpreted
+            sglang.kernel_dispatcher.supports_packed_decode = False
         ours.kernel_dispatcher.supports_packed_decode = packed
-        state = torch.randn(self.pools[0].mamba_pool.mamba_cache.temporal.shape, generator=gen) * 0.1
-        conv = torch.randn(self.pools[0].mamba_pool.mamba_cache.conv[0].shape, generator=gen)
+        state = torch.randn(self.pools[0].mamba_pool.mamba_cache.temporal.shape, generator=gen).to(sc.DEVICE) * 0.1
+        conv = torch.randn(self.pools[0].mamba_pool.mamba_cache.conv[0].shape, generator=gen).to(sc.DEVICE)
         for pool in self.pools:  # as if a prefill had run: SGLang's prefill writes these, the plugin keeps it
             pool.mamba_pool.mamba_cache.temporal.copy_(state)
             pool.mamba_pool.mamba_cache.conv[0].copy_(conv)
@@ -80,8 +80,8 @@ class Pair:
         self.gen = gen
 
     def inputs(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (torch.randn(n, self.s.conv_dim, generator=self.gen), torch.randn(n, self.s.HV, generator=self.gen),
-                torch.randn(n, self.s.HV, generator=self.gen))
+        return tuple(torch.randn(n, dim, generator=self.gen).to(sc.DEVICE)
+                     for dim in (self.s.conv_dim, self.s.HV, self.s.HV))
 
     def run(self, mode: str, rows: list[int], seq_lens: list[int]) -> list[list[torch.Tensor]]:
         """One forward of every GDN layer for the requests in `rows` on both backends; outputs per backend."""
@@ -108,7 +108,7 @@ class Pair:
         ours = self.backends[1]
         rt, cache = ours._kvbuffer, self.pools[1].mamba_pool.mamba_cache
         states = cache.temporal.clone()
-        slots = torch.tensor(self.slots)
+        slots = torch.tensor(self.slots, device=sc.DEVICE)
         mamba = self.pools[1].req_index_to_mamba_index_mapping[slots].long()
         for i in range(self.s.layers):
             fold(states[i], rt.pools.buffers[i], slots, rt.pools.lens[slots], mamba, mamba, backend="torch")
@@ -132,7 +132,7 @@ def test_decode_matches_sglang_recurrent_across_flushes(packed: bool) -> None:
             pair.prefill([2])
         rows = [0, 1, 2] if step >= 3 else [0, 1]
         assert_close(pair.run("decode", rows, [10 + step] * len(rows)), f"step {step}")
-    lens = pair.backends[1]._kvbuffer.pools.lens[torch.tensor(pair.slots)].tolist()
+    lens = pair.backends[1]._kvbuffer.pools.lens[torch.tensor(pair.slots, device=sc.DEVICE)].tolist()
     assert lens == [(2 * CHUNK + 1) % CHUNK, (2 * CHUNK + 1) % CHUNK, (2 * CHUNK + 1 - 3) % CHUNK], lens
     theirs = pair.pools[0].mamba_pool.mamba_cache
     ours = pair.pools[1].mamba_pool.mamba_cache
@@ -173,7 +173,7 @@ def test_verify_then_commit_matches_sglang_with_drafts_accepted_and_rejected() -
     seq = [7, 7]
     for round_, accepted in enumerate([(1, 3), (3, 0 + 1), (2, 2), (3, 3), (1, 2)]):
         assert_close(pair.run("verify", [0, 1], seq), f"verify round {round_}")
-        steps = torch.tensor(accepted) - 1  # last accepted step per request (accepted includes the bonus token)
+        steps = torch.tensor(accepted, device=sc.DEVICE) - 1  # last accepted step per request (accepted includes the bonus token)
         _commit_sglang(pair, steps)
         hybrid.update_mamba_state_after_mtp_verify(steps, None, None, None)
         seq = [s + a for s, a in zip(seq, accepted, strict=True)]
@@ -184,7 +184,7 @@ def test_verify_then_commit_matches_sglang_with_drafts_accepted_and_rejected() -
     assert torch.equal(pool.mamba_pool.mamba_cache.conv[0], theirs.conv[0])
 
 
-def test_counters_leave_the_process(tmp_path) -> None:  # noqa: ANN001
+def test_counters_leave_the_process(tmp_path) -> None:
     """Counts made in another process (as in an SGLang scheduler) are read back from the multi-process directory."""
     import subprocess
     import sys

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 from kvbuffer.kernels.ops import buffered_decode, fold, verify  # not the package: its `fold` is shadowed once
-# the kvbuffer.kernels.fold module is imported
 
+# the kvbuffer.kernels.fold module is imported
 from . import plan as planning
 from .runtime import Runtime
 

@@ -76,7 +76,9 @@ class Pair:
             pool.mamba_pool.mamba_cache.conv[0].copy_(conv)
         reqs = [SimpleNamespace(req_pool_idx=None, mamba_pool_idx=None, mamba_ping_pong_track_buffer=None)
                 for _ in range(requests)]
-        self.slots = [pool.alloc([SimpleNamespace(**vars(r)) for r in reqs]) for pool in self.pools][0]
+        allocated = [pool.alloc([SimpleNamespace(**vars(r)) for r in reqs]) for pool in self.pools]
+        assert allocated[0] == allocated[1]
+        self.slots = allocated[0]
         self.gen = gen
 
     def inputs(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -171,9 +173,10 @@ def test_verify_then_commit_matches_sglang_with_drafts_accepted_and_rejected() -
     hybrid = HybridLinearAttnBackend(full, pair.backends[1], full_attn_layers=[])
     pair.prefill([0, 1])
     seq = [7, 7]
-    for round_, accepted in enumerate([(1, 3), (3, 0 + 1), (2, 2), (3, 3), (1, 2)]):
+    # tokens kept per request and round (the bonus token included): all rejected (1) to all accepted (DRAFTS)
+    for round_, accepted in enumerate([(1, 3), (3, 1), (2, 2), (3, 3), (1, 2)]):
         assert_close(pair.run("verify", [0, 1], seq), f"verify round {round_}")
-        steps = torch.tensor(accepted, device=sc.DEVICE) - 1  # last accepted step per request (accepted includes the bonus token)
+        steps = torch.tensor(accepted, device=sc.DEVICE) - 1  # each request's last accepted step
         _commit_sglang(pair, steps)
         hybrid.update_mamba_state_after_mtp_verify(steps, None, None, None)
         seq = [s + a for s, a in zip(seq, accepted, strict=True)]

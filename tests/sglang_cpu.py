@@ -7,8 +7,10 @@ carries the few attributes the backend reads, and `batch` the ForwardBatch field
 
 Two shims make `import sglang` work on a CPU machine, both outside SGLang's GDN path:
 - the only torchvision on PyPI is a CUDA build; beside a CPU torch its C++ ops do not load and torchvision then
-  fails registering their fake kernels at import. Those two registration modules are skipped (SGLang's GDN path
-  never calls torchvision ops; it imports torchvision for multimodal preprocessing).
+  fails registering their fake kernels at import. It is installed into `.sglang-cpu/` (not site-packages, where
+  transformers would import it for every other test) and added to the path here, with those two registration
+  modules skipped (SGLang's GDN path never calls torchvision ops; it imports torchvision for multimodal
+  preprocessing).
 - transformers newer than SGLang's pin (5.12.1) already registers `qwen3_asr`; SGLang registers it again at import.
   Registration is made tolerant while SGLang is imported (the GPU wheel set patches the file instead).
 """
@@ -20,6 +22,7 @@ import os
 import sys
 import types
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -30,7 +33,12 @@ if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+TORCHVISION_DIR = Path(__file__).resolve().parent.parent / ".sglang-cpu"  # .ci/run installs torchvision there
+
+
 def _import_sglang() -> None:
+    if TORCHVISION_DIR.is_dir() and str(TORCHVISION_DIR) not in sys.path:
+        sys.path.append(str(TORCHVISION_DIR))
     try:
         import torchvision  # noqa: F401
     except RuntimeError:  # a CUDA torchvision beside a CPU torch: skip its op registrations (see above)

@@ -26,8 +26,11 @@ def _fold_kernel(
     BK: tl.constexpr, BV: tl.constexpr,
 ):
     """One [BV, K] tile of states[write] = decay * states[read] + sum_{j<n} weights[j] d_j k_j^T (read < 0: from
-    zeros), by the same rank-1 updates as the decode's fused flush."""
+    zeros; write < 0: nothing to fold), by the same rank-1 updates as the decode's fused flush."""
     i_v, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    write = tl.load(write_slots + i_b).to(tl.int64)
+    if write < 0:
+        return
     offs_k, offs_v = tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
     mask_k, mask_v = offs_k < K, offs_v < V
     read = tl.load(read_slots + i_b).to(tl.int64)
@@ -38,7 +41,7 @@ def _fold_kernel(
         mask=(offs_v < tl.where(read >= 0, V, 0))[:, None] & mask_k[None, :], other=0.0)
     S = add_buffer(S, buf_keys + (slot * H + i_h // (HV // H)) * L * K, buf_values + (slot * HV + i_h) * L * V,
                    weights + (i_b * HV + i_h) * L, tl.load(buf_lens + i_b), offs_k, mask_k, offs_v, mask_v, K, V)
-    tl.store(states + tl.load(write_slots + i_b).to(tl.int64) * HV * V * K + tile, S,
+    tl.store(states + write * HV * V * K + tile, S,
              mask=mask_v[:, None] & mask_k[None, :])
 
 

@@ -170,8 +170,9 @@ def fold(states: torch.Tensor, buffer: BufferPool, buf_slots: torch.Tensor, buf_
          check_values: bool = True) -> None:
     """Flushes buffers into checkpoints on demand: states[write] = e^{G_last} S0 + sum_j e^{G_last-G_j} k_j d_j^T.
 
-    S0 is states[read] (zeros where read is -1: a request leaving the stateless regime). The caller then
-    sets buf_lens to 0.
+    S0 is states[read] (zeros where read is -1: a request leaving the stateless regime). A write slot of -1
+    leaves that request alone (a batch where only some buffers are due, decided on the device). The caller then
+    sets buf_lens to 0 for the folded requests.
     """
     if not isinstance(states, torch.Tensor) or states.dim() != 4:
         raise ValueError("states must be a tensor [slots, HV, V, K]")
@@ -186,7 +187,7 @@ def fold(states: torch.Tensor, buffer: BufferPool, buf_slots: torch.Tensor, buf_
     check_slots("buf_slots", buf_slots, B, dev, buffer.num_slots if check_values else None)
     check_slots("buf_lens", buf_lens, B, dev, buffer.capacity + 1 if check_values else None)
     check_slots("read_slots", read_slots, B, dev, states.shape[0] if check_values else None, allow_none=True)
-    check_slots("write_slots", write_slots, B, dev, states.shape[0] if check_values else None)
+    check_slots("write_slots", write_slots, B, dev, states.shape[0] if check_values else None, allow_none=True)
     if _use_triton(backend, states, buffer.values):
         from .fold import fold_triton
         return fold_triton(states, buffer, buf_slots, buf_lens, read_slots, write_slots)

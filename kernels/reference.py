@@ -181,7 +181,8 @@ def fold(states: Tensor, buffer: BufferPool, buf_slots: Tensor, buf_lens: Tensor
     w = torch.where(valid[:, None, :], torch.exp(G_last[..., None] - Gb).to(dtype), 0.0)
     S = G_last.exp().to(dtype)[..., None, None] * _checkpoints(states, read_slots, dtype)
     S = S + torch.einsum("bhl,bhlv,bhlk->bhvk", w, Db, Kb)
-    states[write_slots.long()] = S.to(states.dtype)
+    due = write_slots >= 0
+    states[write_slots[due].long()] = S[due].to(states.dtype)
 
 
 def prefill(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, states: Tensor,

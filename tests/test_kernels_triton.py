@@ -119,11 +119,14 @@ def test_fold_matches_fp64() -> None:
     gen, seed = fresh_generator()
     shapes = Shapes(H=1, HV=2, K=32, V=64)
     states, buffer = random_pools(gen, shapes, state_slots=6, buffer_slots=4, capacity=40, device=DEVICE)
-    buf_slots, buf_lens, read_slots, write_slots = [3, 0, 1], [40, 0, 17], [2, 5, -1], [2, 4, 0]
+    # the last request is not due (write -1): its slot 3 must keep its checkpoint
+    buf_slots, buf_lens, read_slots, write_slots = [3, 0, 1, 2], [40, 0, 17, 5], [2, 5, -1, 3], [2, 4, 0, -1]
     ref_states, ref_buffer = as_fp64(states, buffer)
+    untouched = states[3].clone()
     reference.fold(ref_states, ref_buffer, ints(buf_slots), ints(buf_lens), ints(read_slots), ints(write_slots))
     fold(states, buffer, ints(buf_slots), ints(buf_lens), ints(read_slots), ints(write_slots), backend="triton")
     assert relative_error(states, ref_states) < TOL, f"seed {seed}"
+    assert torch.equal(states[3], untouched), "a request with write slot -1 must not be folded"
 
 
 @pytest.mark.parametrize("with_checkpoint", [False, True])

@@ -1,0 +1,210 @@
+"""SGLang 0.5.17's real GDN attention backend on the CPU (or a GPU where there is one), for the plugin's tests.
+
+What runs is SGLang's: `HybridReqToTokenPool` / `MambaPool` (state and conv pools in SGLang's layout),
+`GDNAttnBackend` (metadata, causal conv, split, radix tracking) and its Triton kernels under TRITON_INTERPRET=1.
+Stand-ins, for what cannot run here (SGLang's scheduler and model runner, which need a GPU engine): `runner`
+carries the few attributes the backend reads, and `batch` the ForwardBatch fields its GDN path reads.
+
+Two shims make `import sglang` work on a CPU machine, both outside SGLang's GDN path:
+- the only torchvision on PyPI is a CUDA build; beside a CPU torch its C++ ops do not load and torchvision then
+  fails registering their fake kernels at import. It is installed into `.sglang-cpu/` (not site-packages, where
+  transformers would import it for every other test) and added to the path here, with those two registration
+  modules skipped (SGLang's GDN path never calls torchvision ops; it imports torchvision for multimodal
+  preprocessing).
+- transformers newer than SGLang's pin (5.12.1) already registers `qwen3_asr`; SGLang registers it again at import.
+  Registration is made tolerant while SGLang is imported (the GPU wheel set patches the file instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU the same tests are the plugin's smoke test
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+TORCHVISION_DIR = Path(__file__).resolve().parent.parent / ".sglang-cpu"  # .ci/run installs torchvision there
+
+
+def _import_sglang() -> None:
+    if TORCHVISION_DIR.is_dir() and str(TORCHVISION_DIR) not in sys.path:
+        sys.path.append(str(TORCHVISION_DIR))
+    try:
+        import torchvision  # noqa: F401
+    except RuntimeError:  # a CUDA torchvision beside a CPU torch: skip its op registrations (see above)
+        for name in list(sys.modules):
+            if name.startswith("torchvision"):
+                del sys.modules[name]
+        for name in ("torchvision._meta_registrations", "torchvision._autograd_registrations"):
+            sys.modules[name] = types.ModuleType(name)
+    except ImportError:
+        pass
+    from transformers import AutoConfig
+
+    register = AutoConfig.register
+
+    def tolerant(model_type, config, exist_ok=False):
+        return register(model_type, config, exist_ok=True)
+
+    AutoConfig.register = tolerant
+    try:
+        import sglang.srt.layers.attention.hybrid_linear_attn_backend
+        import sglang.srt.layers.attention.linear.gdn_backend  # noqa: F401
+    finally:
+        AutoConfig.register = register
+
+
+def require_sglang() -> None:
+    """Skips the calling test module, with the reason, where SGLang 0.5.17 cannot be imported."""
+    try:
+        _import_sglang()
+    except Exception as e:  # any import failure: a missing optional package, another SGLang release
+        pytest.skip(f"sglang is not importable here ({type(e).__name__}: {e}); .ci/run installs it",
+                    allow_module_level=True)
+    import sglang
+    from kvbuffer.service.sglang.version import SGLANG_VERSION
+
+    if sglang.__version__ != SGLANG_VERSION:
+        pytest.skip(f"sglang {sglang.__version__} installed, the plugin pins {SGLANG_VERSION}",
+                    allow_module_level=True)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    H: int = 2  # key heads
+    HV: int = 4  # value heads
+    K: int = 16
+    V: int = 16
+    conv_kernel: int = 4
+    layers: int = 2
+    requests: int = 4  # req-to-token slots
+    mamba_slots: int = 6
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.H * self.K + self.HV * self.V
+
+
+def new_pool(s: Shapes, draft_tokens: int | None = None):
+    """SGLang's HybridReqToTokenPool on the CPU (fp32 conv and state); with draft_tokens, SGLang's speculative state
+    (per-draft conv windows, dense layout; its allocation hard-codes CUDA, so the same tensors are made here)."""
+    from sglang.srt.configs.mamba_utils import Mamba2CacheParams, Mamba2StateDType, Mamba2StateShape
+    from sglang.srt.mem_cache.memory_pool import HybridReqToTokenPool, MambaPool
+
+    shape = Mamba2StateShape.create(tp_world_size=1, intermediate_size=s.HV * s.V, n_groups=s.H, num_heads=s.HV,
+                                    head_dim=s.V, state_size=s.K, conv_kernel=s.conv_kernel,
+                                    conv_shard_groups=[s.H * s.K, s.H * s.K, s.HV * s.V])
+    params = Mamba2CacheParams(shape=shape, layers=list(range(s.layers)),
+                               dtype=Mamba2StateDType(conv=torch.float32, temporal=torch.float32))
+    pool = HybridReqToTokenPool(size=s.requests, mamba_size=s.mamba_slots, mamba_spec_state_size=s.requests,
+                                max_context_len=256, device=DEVICE, enable_memory_saver=False, cache_params=params,
+                                mamba_layer_ids=list(range(s.layers)), enable_mamba_extra_buffer=False)
+    if draft_tokens:
+        cache = pool.mamba_pool.mamba_cache
+        windows = [torch.zeros(s.layers, s.requests + 1, draft_tokens, *conv.shape[2:], device=DEVICE)
+                   for conv in cache.conv]
+        pool.mamba_pool.mamba_cache = MambaPool.SpeculativeState(
+            conv=cache.conv, temporal=cache.temporal, intermediate_ssm=torch.zeros(
+                s.layers, s.requests + 1, draft_tokens, *cache.temporal.shape[2:], device=DEVICE),
+            intermediate_conv_window=windows)
+    return pool
+
+
+def server_args(**overrides: object):
+    """SGLang's ServerArgs with its declared defaults and `overrides`, published as the process's runtime context.
+    Its __post_init__ (which resolves everything against a model on disk and a GPU) is not run."""
+    from sglang.srt.runtime_context import get_context
+    from sglang.srt.server_args import ServerArgs
+
+    args = ServerArgs.__new__(ServerArgs)
+    for f in dataclasses.fields(ServerArgs):
+        factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        setattr(args, f.name, factory() if factory else (None if f.default is dataclasses.MISSING else f.default))
+    for name, value in overrides.items():
+        setattr(args, name, value)
+    get_context().set_server_args(args)
+    return args
+
+
+def new_backend(pool, draft_tokens: int | None = None):
+    """SGLang's GDNAttnBackend over `pool` (its __init__ runs the plugin's hook when the plugin is loaded)."""
+    from sglang.srt.layers.attention.linear.gdn_backend import GDNAttnBackend
+
+    args = server_args(speculative_eagle_topk=1 if draft_tokens else None, disable_radix_cache=True)
+    runner = SimpleNamespace(device=DEVICE, server_args=args, is_draft_worker=False, req_to_token_pool=pool,
+                             token_to_kv_pool=None, model_config=None)
+    return GDNAttnBackend(runner)
+
+
+def new_layers(s: Shapes, gen: torch.Generator) -> list:
+    """SGLang's RadixLinearAttention per GDN layer, with random conv weights, decays and gates."""
+    from sglang.srt.layers.radix_linear_attention import RadixLinearAttention
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).to(DEVICE)
+
+    return [RadixLinearAttention(i, s.H, s.H, s.HV, s.K, s.K, s.V, conv_weights=rand(s.conv_dim, s.conv_kernel,
+                                 scale=0.5), bias=rand(s.conv_dim, scale=0.1), activation="silu",
+                                 A_log=rand(s.HV, scale=0.5), dt_bias=rand(s.HV, scale=0.5)) for i in range(s.layers)]
+
+
+def batch(mode: str, req_slots: list[int], seq_lens: list[int], extend_lens: list[int] | None = None,
+          draft_tokens: int | None = None) -> SimpleNamespace:
+    """The ForwardBatch fields SGLang's GDN metadata and forward read (mode: decode | extend | verify)."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    forward_mode = {"decode": ForwardMode.DECODE, "extend": ForwardMode.EXTEND,
+                    "verify": ForwardMode.TARGET_VERIFY}[mode]
+    n = len(req_slots)
+    fb = SimpleNamespace(forward_mode=forward_mode, batch_size=n,
+                         req_pool_indices=torch.tensor(req_slots, dtype=torch.int64, device=DEVICE),
+                         seq_lens=torch.tensor(seq_lens, device=DEVICE), seq_lens_cpu=torch.tensor(seq_lens),
+                         mamba_track_mask=None, mamba_track_indices=None, mamba_track_seqlens=None,
+                         _original_batch_size=None, spec_info=None)
+    if mode == "extend":
+        lens = torch.tensor(extend_lens)
+        fb.extend_seq_lens, fb.extend_seq_lens_cpu = lens.to(DEVICE), lens
+        fb.extend_start_loc = (torch.cumsum(lens, 0) - lens).to(DEVICE)
+        fb.extend_prefix_lens = (torch.tensor(seq_lens) - lens).to(DEVICE)
+        fb.input_ids = torch.zeros(int(lens.sum()), dtype=torch.int64, device=DEVICE)
+    if mode == "verify":
+        fb.spec_info = SimpleNamespace(draft_token_num=draft_tokens, ragged_verify_layout=None)
+        fb.input_ids = torch.zeros(n * draft_tokens, dtype=torch.int64, device=DEVICE)
+    return fb
+
+
+def conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  activation: str | None = None, conv_state_indices: torch.Tensor | None = None,
+                  intermediate_conv_window: torch.Tensor | None = None,
+                  intermediate_state_indices: torch.Tensor | None = None, **_: object) -> torch.Tensor:
+    """Stand-in for SGLang's causal_conv1d_update Triton kernel, whose masks the Triton interpreter rejects
+    ('mask has unsupported dtype'); same contract: x `[B, dim]` (decode: conv_state advanced) or `[B, dim, T]`
+    (verify: conv_state kept, the window after each token stored in intermediate_conv_window[row, t])."""
+    single = x.dim() == 2
+    xs = x[..., None] if single else x
+    out = torch.empty_like(xs)
+    for i in range(xs.shape[0]):
+        slot = int(conv_state_indices[i])
+        if slot < 0:
+            continue
+        state = conv_state[slot].clone()
+        for t in range(xs.shape[2]):
+            window = torch.cat([state, xs[i, :, t:t + 1]], dim=1)
+            y = (window * weight).sum(1) + (0 if bias is None else bias)
+            out[i, :, t] = torch.nn.functional.silu(y) if activation in ("silu", "swish") else y
+            state = window[:, 1:]
+            if intermediate_conv_window is not None:
+                intermediate_conv_window[int(intermediate_state_indices[i]), t] = state
+        if intermediate_conv_window is None:
+            conv_state[slot] = state
+    return out[..., 0] if single else out

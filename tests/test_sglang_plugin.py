@@ -1,0 +1,204 @@
+"""The KVBuffer plugin inside SGLang 0.5.17's real GDN backend (CPU, TRITON_INTERPRET=1, SGLang's pool layout).
+
+Each test runs two SGLang GDNAttnBackends on identical pools and inputs: one as SGLang ships it (its recurrent
+Triton kernels: the oracle) and one carrying the plugin's runtime. Outputs must agree at every step, across
+flushes, and after drafts are verified with some accepted and some rejected; states agree once the plugin's
+buffer is folded in. The plugin is loaded the way SGLang loads it: the `sglang.srt.plugins` entry point,
+allow-listed by SGLANG_PLUGINS, through SGLang's own load_plugins.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import sglang_cpu as sc
+import torch
+
+sc.require_sglang()
+
+CHUNK, BUFFER, DRAFTS = 4, 8, 3
+TOL = 2e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plugin(monkeypatch_module: pytest.MonkeyPatch) -> None:
+    env = {"SGLANG_PLUGINS": "kvbuffer", "KVBUFFER_SGLANG_BUFFER_SIZE": str(BUFFER),
+           "KVBUFFER_SGLANG_CHUNK_SIZE": str(CHUNK), "KVBUFFER_SGLANG_SPECULATIVE_NUM_DRAFT_TOKENS": str(DRAFTS)}
+    for name, value in env.items():
+        monkeypatch_module.setenv(name, value)
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+    import sglang.srt.layers.attention.linear.gdn_backend as gdn
+    from kvbuffer.service.sglang.plugin import dispatch
+
+    monkeypatch_module.setattr(dispatch, "KERNEL_BACKEND", "triton")
+    if sc.DEVICE == "cpu":  # on a GPU, SGLang's own conv kernel runs
+        monkeypatch_module.setattr(gdn, "causal_conv1d_update", sc.conv1d_update)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def test_plugin_loads_through_the_entry_point() -> None:
+    from importlib.metadata import entry_points
+
+    from sglang.srt.layers.attention.linear.gdn_backend import GDNAttnBackend, GDNKernelDispatcher
+
+    assert "kvbuffer" in {ep.name for ep in entry_points(group="sglang.srt.plugins")}
+    for method in (GDNKernelDispatcher.decode, GDNKernelDispatcher.packed_decode, GDNKernelDispatcher.target_verify,
+                   GDNAttnBackend.init_forward_metadata, GDNAttnBackend.__init__):
+        assert hasattr(method, "__wrapped__"), f"{method.__qualname__} is not hooked"
+
+
+class Pair:
+    """SGLang's recurrent backend and the plugin's, over two identical pools holding the same requests."""
+
+    def __init__(self, gen: torch.Generator, requests: int, packed: bool = False, drafts: int | None = None) -> None:
+        self.s = sc.Shapes()
+        self.layers = sc.new_layers(self.s, gen)
+        self.pools = [sc.new_pool(self.s, drafts), sc.new_pool(self.s, drafts)]
+        self.backends = [sc.new_backend(p, drafts) for p in self.pools]
+        sglang, ours = self.backends
+        del sglang._kvbuffer, sglang.kernel_dispatcher._kvbuffer  # the oracle runs SGLang's own kernels
+        if sc.DEVICE == "cpu":  # its packed kernel does not run interpreted
+            sglang.kernel_dispatcher.supports_packed_decode = False
+        ours.kernel_dispatcher.supports_packed_decode = packed
+        state = torch.randn(self.pools[0].mamba_pool.mamba_cache.temporal.shape, generator=gen).to(sc.DEVICE) * 0.1
+        conv = torch.randn(self.pools[0].mamba_pool.mamba_cache.conv[0].shape, generator=gen).to(sc.DEVICE)
+        for pool in self.pools:  # as if a prefill had run: SGLang's prefill writes these, the plugin keeps it
+            pool.mamba_pool.mamba_cache.temporal.copy_(state)
+            pool.mamba_pool.mamba_cache.conv[0].copy_(conv)
+        reqs = [SimpleNamespace(req_pool_idx=None, mamba_pool_idx=None, mamba_ping_pong_track_buffer=None)
+                for _ in range(requests)]
+        allocated = [pool.alloc([SimpleNamespace(**vars(r)) for r in reqs]) for pool in self.pools]
+        assert allocated[0] == allocated[1]
+        self.slots = allocated[0]
+        self.gen = gen
+
+    def inputs(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(torch.randn(n, dim, generator=self.gen).to(sc.DEVICE)
+                     for dim in (self.s.conv_dim, self.s.HV, self.s.HV))
+
+    def run(self, mode: str, rows: list[int], seq_lens: list[int]) -> list[list[torch.Tensor]]:
+        """One forward of every GDN layer for the requests in `rows` on both backends; outputs per backend."""
+        n = len(rows) * (DRAFTS if mode == "verify" else 1)
+        mixed, a, b = self.inputs(n)
+        outs = []
+        for backend in self.backends:
+            fb = sc.batch(mode, [self.slots[r] for r in rows], seq_lens, draft_tokens=DRAFTS)
+            backend.init_forward_metadata(fb)
+            forward = backend.forward_decode if mode == "decode" else backend.forward_extend
+            outs.append([forward(layer, fb, mixed, a, b) for layer in self.layers])
+        return outs
+
+    def prefill(self, rows: list[int]) -> None:
+        """SGLang's prefill metadata for `rows` (its kernels would rewrite their checkpoints): buffers emptied."""
+        for backend in self.backends:
+            backend.init_forward_metadata(sc.batch("extend", [self.slots[r] for r in rows], [3] * len(rows),
+                                                   [3] * len(rows)))
+
+    def folded_states(self) -> torch.Tensor:
+        """The plugin's states with every request's buffer folded in (what SGLang's recurrent states hold)."""
+        from kvbuffer.kernels.ops import fold
+
+        ours = self.backends[1]
+        rt, cache = ours._kvbuffer, self.pools[1].mamba_pool.mamba_cache
+        states = cache.temporal.clone()
+        slots = torch.tensor(self.slots, device=sc.DEVICE)
+        mamba = self.pools[1].req_index_to_mamba_index_mapping[slots].long()
+        for i in range(self.s.layers):
+            fold(states[i], rt.pools.buffers[i], slots, rt.pools.lens[slots], mamba, mamba, backend="torch")
+        return states
+
+
+def assert_close(outs: list[list[torch.Tensor]], what: str) -> None:
+    for layer, (theirs, ours) in enumerate(zip(*outs, strict=True)):
+        assert theirs.shape == ours.shape, f"{what}: layer {layer} shapes {theirs.shape} vs {ours.shape}"
+        err = ((theirs - ours).abs().max() / theirs.abs().max()).item()
+        assert err < TOL, f"{what}: layer {layer} relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["decode", "packed_decode"])
+def test_decode_matches_sglang_recurrent_across_flushes(packed: bool) -> None:
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    pair = Pair(gen, requests=3, packed=packed)
+    pair.prefill([0, 1])
+    for step in range(2 * CHUNK + 1):  # two flushes; request 2 joins (prefilled) after 3 steps
+        if step == 3:
+            pair.prefill([2])
+        rows = [0, 1, 2] if step >= 3 else [0, 1]
+        assert_close(pair.run("decode", rows, [10 + step] * len(rows)), f"step {step}")
+    lens = pair.backends[1]._kvbuffer.pools.lens[torch.tensor(pair.slots, device=sc.DEVICE)].tolist()
+    assert lens == [(2 * CHUNK + 1) % CHUNK, (2 * CHUNK + 1) % CHUNK, (2 * CHUNK + 1 - 3) % CHUNK], lens
+    theirs = pair.pools[0].mamba_pool.mamba_cache
+    ours = pair.pools[1].mamba_pool.mamba_cache
+    assert ((pair.folded_states() - theirs.temporal).abs().max() / theirs.temporal.abs().max()) < TOL
+    assert torch.equal(ours.conv[0], theirs.conv[0])
+
+
+def test_prefill_empties_the_buffer() -> None:
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    pair = Pair(gen, requests=2)
+    pair.prefill([0, 1])
+    pair.run("decode", [0, 1], [5, 5])
+    rt = pair.backends[1]._kvbuffer
+    assert rt.pools.lens[pair.slots[0]] == 1
+    pair.prefill([0])
+    assert rt.pools.lens[pair.slots[0]] == 0 and rt.pools.lens[pair.slots[1]] == 1
+
+
+def _commit_sglang(pair: Pair, steps: torch.Tensor) -> None:
+    """SGLang's recurrent commit (scatter_mamba_states_after_mtp_verify, a CUDA-only kernel) in plain indexing:
+    each request's state and conv state become those after its last accepted draft step."""
+    cache = pair.pools[0].mamba_pool.mamba_cache
+    slots = pair.backends[0].forward_metadata.mamba_cache_indices.long()
+    for row, step in enumerate(steps.tolist()):
+        cache.temporal[:, slots[row]] = cache.intermediate_ssm[:, row, step]
+        cache.conv[0][:, slots[row]] = cache.intermediate_conv_window[0][:, row, step]
+
+
+def test_verify_then_commit_matches_sglang_with_drafts_accepted_and_rejected() -> None:
+    from sglang.srt.layers.attention.hybrid_linear_attn_backend import HybridLinearAttnBackend
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    pair = Pair(gen, requests=2, drafts=DRAFTS)
+    pool = pair.pools[1]
+    full = SimpleNamespace(token_to_kv_pool=None, req_to_token_pool=pool, needs_cpu_seq_lens=False)
+    hybrid = HybridLinearAttnBackend(full, pair.backends[1], full_attn_layers=[])
+    pair.prefill([0, 1])
+    seq = [7, 7]
+    # tokens kept per request and round (the bonus token included): all rejected (1) to all accepted (DRAFTS)
+    for round_, accepted in enumerate([(1, 3), (3, 1), (2, 2), (3, 3), (1, 2)]):
+        assert_close(pair.run("verify", [0, 1], seq), f"verify round {round_}")
+        steps = torch.tensor(accepted, device=sc.DEVICE) - 1  # each request's last accepted step
+        _commit_sglang(pair, steps)
+        hybrid.update_mamba_state_after_mtp_verify(steps, None, None, None)
+        seq = [s + a for s, a in zip(seq, accepted, strict=True)]
+        assert_close(pair.run("decode", [0, 1], seq), f"decode after round {round_}")
+        seq = [s + 1 for s in seq]
+    theirs = pair.pools[0].mamba_pool.mamba_cache
+    assert ((pair.folded_states() - theirs.temporal).abs().max() / theirs.temporal.abs().max()) < TOL
+    assert torch.equal(pool.mamba_pool.mamba_cache.conv[0], theirs.conv[0])
+
+
+def test_counters_leave_the_process(tmp_path) -> None:
+    """Counts made in another process (as in an SGLang scheduler) are read back from the multi-process directory."""
+    import subprocess
+    import sys
+
+    code = ("from kvbuffer.service.sglang.plugin import counters as c\n"
+            "c.count_decoded('buffered', 5); c.count_drafted(6)\n"
+            "import torch; t = c.DeviceTally(torch.tensor([2, 4]))\nt.drain()\n")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    from kvbuffer.service.sglang.plugin.counters import read_counters
+
+    got = read_counters(str(tmp_path))
+    assert got == {"decoded_tokens": {"buffered": 5.0}, "flushes": 2.0, "drafted_tokens": 6.0,
+                   "accepted_tokens": 4.0}, got

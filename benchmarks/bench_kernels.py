@@ -888,13 +888,22 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def report(env: Env, results: Sequence[Result], section: str, title: str, base_name: str) -> None:
-    rows = []
+def ratios(results: Sequence[Result], section: str) -> dict[int, tuple[float | None, float | None]]:
+    """Per result (by id) of a section: its time over the baseline's at the same (B, T), with and without its
+    bookkeeping (which runs once per model step, not once per layer: the ratio without it is the per-layer cost)."""
     base = {(r.batch, r.tokens): r.us for r in results if r.section == section and r.baseline and r.ok}
+    out: dict[int, tuple[float | None, float | None]] = {}
     for r in (r for r in results if r.section == section):
         ratio = None if r.us is None or base.get((r.batch, r.tokens)) is None else r.us / base[(r.batch, r.tokens)]
-        # bookkeeping runs once per model step, not once per layer: the ratio without it is the per-layer cost
-        bare = None if ratio is None else ratio * (1 - (r.bookkeeping_us or 0.0) / r.us)
+        out[id(r)] = (ratio, None if ratio is None else ratio * (1 - (r.bookkeeping_us or 0.0) / r.us))
+    return out
+
+
+def report(env: Env, results: Sequence[Result], section: str, title: str, base_name: str) -> None:
+    rows = []
+    by_result = ratios(results, section)
+    for r in (r for r in results if r.section == section):
+        ratio, bare = by_result[id(r)]
         bw = None if not r.us else r.model_bytes / (r.us * 1e-6)
         pct = None if bw is None or not env.copy_bw else 100 * bw / env.copy_bw
         check = "ok" if r.ok else ("ERROR" if r.error else "FAIL")
@@ -908,6 +917,19 @@ def report(env: Env, results: Sequence[Result], section: str, title: str, base_n
     for r in results:
         if r.section == section and r.error:
             print(f"  ERROR B={r.batch} T={r.tokens} {r.method} {r.param}: {r.error}")
+
+
+def pivot(results: Sequence[Result], section: str, title: str) -> None:
+    """One line per method and configuration, one column per (B, T): its "x w/o bk" (a sweep's summary)."""
+    by_result = ratios(results, section)
+    mine = [r for r in results if r.section == section]
+    columns = list(dict.fromkeys((r.batch, r.tokens) for r in mine))
+    names = list(dict.fromkeys(f"{r.method} {r.param}".strip() for r in mine))
+    cells = {(f"{r.method} {r.param}".strip(), (r.batch, r.tokens)): _fmt(by_result[id(r)][1], ".2f") if r.ok
+             else "FAIL" for r in mine}
+    header = ["", "method", *(f"B={b}" if section == "decode" else f"B={b} T={t}" for b, t in columns)]
+    if names:
+        print_table(title, header, [["", name, *(cells.get((name, c), "") for c in columns)] for name in names])
 
 
 def legend(env: Env) -> None:
@@ -1046,6 +1068,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report(env, results, "decode", "Decode, one GDN layer (us per step)", "sgl rec")
     report(env, results, "verify", "Speculative verify, one GDN layer (us per call)", "sgl verify")
     legend(env)
+    pivot(results, "verify", "Verify x SGLang's recurrent verify w/o bookkeeping, by batch and draft tokens")
+    pivot(results, "decode", "Decode x SGLang recurrent w/o bookkeeping, by batch")
     if lost:
         print(f"\nSTOPPED: the CUDA context was lost ({lost}); rerun the rest with --methods/--skip.")
     return 1 if lost or any(not r.ok for r in results) else 0

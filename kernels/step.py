@@ -5,7 +5,8 @@ Two launches per step (per round of up to 16 tokens for blocks), so the pass ove
 speed with few registers live:
 1. Scores: gating, cumulative decays (fp64), and the weight of every earlier entry j for each new token t:
    e^{G_t - G_j}/|k_j|, e^{G_t - G_j} (k_t . k_j), e^{G_t - G_j} (q_t . k_j).
-   Decode (`_decode_scores_kernel`, one program per (request, value head)) uses plain vector products; blocks
+   Decode (`_decode_scores_kernel`, one program per request and value head, or per key head: the value heads
+   sharing it share its loads and products) uses plain vector products; blocks
    (`_scores_kernel`) run one program per (request, key head), so the HV / H value heads sharing a key head
    load its keys, queries and buffered keys and take their tensor-core products (exact for bf16 inputs) once,
    then apply each value head's decays and gates; they also invert each head's unit lower-triangular system
@@ -20,7 +21,8 @@ speed with few registers live:
    `_block_apply_kernel` computes a whole block with matrix products: S0 against all T keys and queries (S0
    streamed in pipelined key chunks, so its loads overlap the products and few registers hold it), the
    buffer's values against all T weight rows in one pass, then D = (I + diag(beta) A)^{-1} diag(beta) X and
-   O = e^{G} Q S0 + W_q D, so no token waits for the one before it.
+   O = e^{G} Q S0 + W_q D, so no token waits for the one before it (its tail loads that need no scores may be
+   issued before the stream).
 On Hopper an apply launch may overlap its scores launch (programmatic dependent launch): it streams its
 checkpoint tile before waiting for the scores. Small decode batches may skip the scores launch: each apply
 program weighs the buffer itself (redundant across value tiles, but one launch instead of two where launch

@@ -231,7 +231,7 @@ def _decode_scores_kernel(
         Kb = tl.load(keys_base + offs_l[:, None] * K + offs_k[None, :], mask=mask_l[:, None] & mask_k[None, :],
                      other=0.0).to(tl.float32)
         inv_b = tl.rsqrt(tl.sum(Kb * Kb, axis=1) + NORM_EPS)
-        mask_w = (heads >= 0)[:, None] & mask_l[None, :]
+        mask_w = (heads < HV)[:, None] & mask_l[None, :]  # [HEADS, BL]
         W = tl.exp((G[:, None] - tl.load(decay_rows[:, None] + offs_l[None, :], mask=mask_w, other=0.0)
                     ).to(tl.float32)) * inv_b[None, :]  # [HEADS, BL]
         tl.store(w_rows + offs_l[None, :], W, mask=mask_w)

@@ -79,18 +79,24 @@ class Dims:
         return self.HV * self.V * value_bytes + self.H * self.K * key_bytes
 
 
-TUNING_SPEC = re.compile(r"(?P<launches>one|two|auto)?-?(?:v(?P<block_v>\d+))?(?:w(?P<num_warps>\d+))?"
-                         r"(?:l(?P<block_l>\d+))?(?:s(?P<scores_warps>\d+))?"
-                         r"(?:p(?P<programmatic>[01]))?")
+TUNING_SPEC = re.compile(r"(?:(?P<launches>one|two|auto)-?)?(?P<knobs>(?:[a-z]\d+)*)(?:@(?P<batches>\d+(?:,\d+)*))?")
+TUNING_KNOBS = {"v": "block_v", "w": "num_warps", "l": "block_l", "s": "scores_warps", "p": "programmatic",
+                "h": "scores_heads", "f": "flush_stages", "k": "k_chunk", "n": "stages", "e": "prefetch"}
 
 
 @dataclass(frozen=True)
 class Tuning:
-    """Launch parameters of our rows, spelled as on the command line (`--tunings`): `one`/`two` force the decode's
-    single launch or its scores launch first (default: the kernels' batch-size threshold), `v` value rows per
-    program, `w` warps, `l` buffer entries per product, `s` warps of verify's scores launch, `p0`/`p1` verify's apply
-    launch overlapping its scores launch off/on (programmatic dependent launch); e.g. `v8w1`, `two-v16w1`,
-    `v128w4s1`, `p0`. Unset parts keep the kernels' defaults."""
+    """Launch parameters of our rows, spelled as on the command line (`--tunings`, `--verify-tunings`): a launch
+    kind, then knobs (a letter and a number each, any order); unset parts keep the GPU's table
+    (kvbuffer.kernels.launches). Decode: `one`/`two` force the single
+    launch (buffer weighed in the apply) or the scores launch first at every batch size (default: the table's
+    choice by batch size), `v` value rows per apply program and `w` its warps (of the table's entries of that kind),
+    `s` warps and `h` value heads per program of the scores launch, `p0`/`p1` the apply launch overlapping the
+    scores launch off/on (programmatic dependent launch), `f` buffer entries a flush loads ahead. Verify: `v`/`w`
+    the block apply's tile, `s` its scores launch's warps, `p0`/`p1` the overlap, `k` key columns per checkpoint
+    chunk, `n` pipeline stages, `e0`/`e1` prefetching the loads after the checkpoint stream. Both: `l` buffer
+    entries per product; `@B,B` runs the row only at these batch sizes. E.g. `v32w1`, `two-v16w1h2p1f16`,
+    `v64w2e1`, `two-p1@1,8`."""
 
     spec: str = ""
     launches: str = "auto"
@@ -99,37 +105,63 @@ class Tuning:
     block_l: int | None = None
     scores_warps: int | None = None
     programmatic: int | None = None
+    scores_heads: int | None = None
+    flush_stages: int | None = None
+    k_chunk: int | None = None
+    stages: int | None = None
+    prefetch: int | None = None
+    batches: tuple[int, ...] = ()
 
     @classmethod
     def parse(cls, spec: str) -> Tuning:
         match = TUNING_SPEC.fullmatch(spec)
-        if match is None or not spec:
-            raise argparse.ArgumentTypeError(f"bad tuning {spec!r}: write e.g. auto, two, v8w1, two-v16w1s2, p0")
-        parts = {name: value for name, value in match.groupdict().items() if value is not None}
-        return cls(spec="" if spec == "auto" else spec, launches=parts.pop("launches", "auto"),
-                   **{name: int(value) for name, value in parts.items()})
+        knobs = re.findall(r"([a-z])(\d+)", match["knobs"]) if match else []
+        if match is None or not spec or any(letter not in TUNING_KNOBS for letter, _ in knobs) or (
+                len({letter for letter, _ in knobs}) < len(knobs)):
+            raise argparse.ArgumentTypeError(f"bad tuning {spec!r}: write e.g. auto, two, v8w1, two-v16w1h2p1f16, "
+                                             f"v64w2e1, p1@8 (knobs: {', '.join(TUNING_KNOBS)})")
+        batches = tuple(int(b) for b in (match["batches"] or "").split(",") if b)
+        return cls(spec="" if spec == "auto" else spec, launches=match["launches"] or "auto", batches=batches,
+                   **{TUNING_KNOBS[letter]: int(value) for letter, value in knobs})
+
+    def runs_at(self, batch: int) -> bool:
+        return not self.batches or batch in self.batches
 
     def kernel_args(self) -> dict[str, int]:
-        """What the ops' `tuning` argument takes."""
-        return {name: getattr(self, name) for name in ("block_v", "num_warps", "block_l")
-                if getattr(self, name) is not None}
+        """What the ops' `tuning` argument takes (tiles and warps travel in the launch table, per launch kind)."""
+        return {} if self.block_l is None else {"block_l": self.block_l}
+
+    def _decode(self, base: Any) -> Any:
+        from kvbuffer.kernels import launches
+        inline = self.launches == "one"
+        table = base.decode
+        if self.launches != "auto":  # one entry of that kind for every batch (the H100's if the table has none)
+            kind = [d for d in table if d.inline == inline] or [d for d in launches.H100.decode if d.inline == inline]
+            table = (replace(kind[-1], max_requests=sys.maxsize),)
+        tile = {"rows": self.block_v, "warps": self.num_warps,
+                "programmatic": None if self.programmatic is None else bool(self.programmatic)}
+        tile = {name: value for name, value in tile.items() if value is not None}
+        table = tuple(replace(d, **tile) if d.inline == inline else d for d in table)
+        changes = {"decode_scores_warps": self.scores_warps, "decode_scores_heads": self.scores_heads,
+                   "flush_stages": self.flush_stages}
+        return replace(base, decode=table, **{name: value for name, value in changes.items() if value is not None})
+
+    def _verify(self, base: Any) -> Any:
+        rows, warps = base.verify
+        changes = {"verify": (self.block_v or rows, self.num_warps or warps),
+                   "verify_scores_warps": self.scores_warps, "verify_k_chunk": self.k_chunk,
+                   "verify_stages": self.stages,
+                   "verify_programmatic": None if self.programmatic is None else bool(self.programmatic),
+                   "verify_prefetch": None if self.prefetch is None else bool(self.prefetch)}
+        return replace(base, **{name: value for name, value in changes.items() if value is not None})
 
     @contextlib.contextmanager
-    def applied(self) -> Iterator[None]:
-        """Sets the kernels' module-level launch constants for the duration of a call."""
-        from kvbuffer.kernels import step
-        overrides = {"INLINE_SCORES_MAX_REQUESTS": {"one": sys.maxsize, "two": 0}.get(self.launches),
-                     "SCORES_WARPS": self.scores_warps,
-                     "PROGRAMMATIC_LAUNCH": None if self.programmatic is None else bool(self.programmatic)}
-        saved = {name: getattr(step, name) for name in overrides}
-        for name, value in overrides.items():
-            if value is not None:
-                setattr(step, name, value)
-        try:
+    def applied(self, section: str, device: torch.device) -> Iterator[None]:
+        """The kernels launch with the device's table changed by this tuning, for the duration of a call."""
+        from kvbuffer.kernels import launches
+        base = launches.launch_for(device)
+        with launches.use_launch(self._decode(base) if section == "decode" else self._verify(base)):
             yield
-        finally:
-            for name, value in saved.items():
-                setattr(step, name, value)
 
 
 @dataclass(frozen=True)
@@ -145,7 +177,10 @@ class Plan:
     steps: int
     replays: int
     trials: int
+    extra_chunks: tuple[int, ...] = ()        # more chunk sizes of ours buffered ...
+    extra_chunk_batches: tuple[int, ...] = ()  # ... at these batch sizes
     tunings: tuple[Tuning, ...] = (Tuning(),)  # one row of ours per tuning
+    verify_tunings: tuple[Tuning, ...] = ()    # verify's rows (default: `tunings`)
 
 
 PRESETS: dict[str, Plan] = {
@@ -184,6 +219,7 @@ class Env:
     act_dtype: torch.dtype       # q, k, v, a, b, outputs: bf16 (dry run fp32: the interpreter's bf16 dot is off)
     methods: tuple[str, ...] = ()
     copy_bw: float | None = None  # bytes/s, read + write
+    deadline: float = math.inf    # time.perf_counter() past which no new row starts
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -554,7 +590,7 @@ def case_ours_buffered(env: Env, bt: Batch, chunk: int, tuning: Tuning) -> Case:
 
     def step(s: int) -> torch.Tensor:
         before()
-        with tuning.applied():
+        with tuning.applied("decode", env.device):
             o = env.ops.buffered_decode(*tok.split(s), p.A_log, p.dt_bias, st.pool, st.buffer, st.buf_slots,
                                         st.buf_lens, st.slots, write_slots, scale=p.scale, backend=env.backend,
                                         check_values=False, tuning=tuning.kernel_args())
@@ -638,7 +674,7 @@ def case_ours_verify(env: Env, bt: Batch, tuning: Tuning) -> Case:
         torch.add(st.buf_lens, accepted, out=committed)
 
     def step(s: int) -> torch.Tensor:
-        with tuning.applied():
+        with tuning.applied("verify", env.device):
             o = env.ops.verify(*tok.split(s), p.A_log, p.dt_bias, st.pool, st.buffer, cu, st.buf_slots,
                                st.buf_lens, st.slots, scale=p.scale, backend=env.backend, check_values=False,
                                max_tokens=T, tuning=tuning.kernel_args())
@@ -792,8 +828,9 @@ def decode_cases(env: Env, bt: Batch) -> list[tuple[str, str, bool, Callable[[],
     if env.fla is not None:
         cases.append(("fla recurrent", "", False, partial(case_fla, env, bt)))
     cases.append(("ours recurrent", "", env.sgl is None, partial(case_ours_recurrent, env, bt)))
+    chunks = plan.chunks + (plan.extra_chunks if bt.B in plan.extra_chunk_batches else ())
     cases += [("ours buffered", f"C={C} {tuning.spec}".rstrip(), False, partial(case_ours_buffered, env, bt, C, tuning))
-              for C in plan.chunks for tuning in plan.tunings]
+              for C in chunks for tuning in plan.tunings if tuning.runs_at(bt.B)]
     return cases
 
 
@@ -803,7 +840,8 @@ def verify_cases(env: Env, bt: Batch) -> list[tuple[str, str, bool, Callable[[],
         cases.append(("sgl verify", "", True, partial(case_sgl_verify, env, bt, False)))
         cases.append(("sgl verify+commit", "", False, partial(case_sgl_verify, env, bt, True)))
     cases += [("ours verify+commit", f"C={env.plan.verify_chunk} {tuning.spec}".rstrip(), env.sgl is None,
-               partial(case_ours_verify, env, bt, tuning)) for tuning in env.plan.tunings]
+               partial(case_ours_verify, env, bt, tuning))
+              for tuning in env.plan.verify_tunings or env.plan.tunings if tuning.runs_at(bt.B)]
     return cases
 
 
@@ -819,6 +857,10 @@ def run_section(env: Env, section: str, batches: Sequence[int], drafts: Sequence
         for T in drafts:
             bt = make_batch(env, B, T)
             for method, param, baseline, build in cases_of(env, bt):
+                if time.perf_counter() > env.deadline:
+                    env.notes.append(f"--deadline passed: {section} rows from B={B} T={T} {method} {param} on did "
+                                     "not run")
+                    return
                 if wanted(env, method, param):
                     res = Result(section=section, batch=B, tokens=T, method=method, param=param, baseline=baseline)
                     results.append(res)
@@ -846,13 +888,22 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def report(env: Env, results: Sequence[Result], section: str, title: str, base_name: str) -> None:
-    rows = []
+def ratios(results: Sequence[Result], section: str) -> dict[int, tuple[float | None, float | None]]:
+    """Per result (by id) of a section: its time over the baseline's at the same (B, T), with and without its
+    bookkeeping (which runs once per model step, not once per layer: the ratio without it is the per-layer cost)."""
     base = {(r.batch, r.tokens): r.us for r in results if r.section == section and r.baseline and r.ok}
+    out: dict[int, tuple[float | None, float | None]] = {}
     for r in (r for r in results if r.section == section):
         ratio = None if r.us is None or base.get((r.batch, r.tokens)) is None else r.us / base[(r.batch, r.tokens)]
-        # bookkeeping runs once per model step, not once per layer: the ratio without it is the per-layer cost
-        bare = None if ratio is None else ratio * (1 - (r.bookkeeping_us or 0.0) / r.us)
+        out[id(r)] = (ratio, None if ratio is None else ratio * (1 - (r.bookkeeping_us or 0.0) / r.us))
+    return out
+
+
+def report(env: Env, results: Sequence[Result], section: str, title: str, base_name: str) -> None:
+    rows = []
+    by_result = ratios(results, section)
+    for r in (r for r in results if r.section == section):
+        ratio, bare = by_result[id(r)]
         bw = None if not r.us else r.model_bytes / (r.us * 1e-6)
         pct = None if bw is None or not env.copy_bw else 100 * bw / env.copy_bw
         check = "ok" if r.ok else ("ERROR" if r.error else "FAIL")
@@ -866,6 +917,19 @@ def report(env: Env, results: Sequence[Result], section: str, title: str, base_n
     for r in results:
         if r.section == section and r.error:
             print(f"  ERROR B={r.batch} T={r.tokens} {r.method} {r.param}: {r.error}")
+
+
+def pivot(results: Sequence[Result], section: str, title: str) -> None:
+    """One line per method and configuration, one column per (B, T): its "x w/o bk" (a sweep's summary)."""
+    by_result = ratios(results, section)
+    mine = [r for r in results if r.section == section]
+    columns = list(dict.fromkeys((r.batch, r.tokens) for r in mine))
+    names = list(dict.fromkeys(f"{r.method} {r.param}".strip() for r in mine))
+    cells = {(f"{r.method} {r.param}".strip(), (r.batch, r.tokens)): _fmt(by_result[id(r)][1], ".2f") if r.ok
+             else "FAIL" for r in mine}
+    header = ["", "method", *(f"B={b}" if section == "decode" else f"B={b} T={t}" for b, t in columns)]
+    if names:
+        print_table(title, header, [["", name, *(cells.get((name, c), "") for c in columns)] for name in names])
 
 
 def legend(env: Env) -> None:
@@ -896,8 +960,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--verify-batches", type=int, nargs="+", help="verify batch sizes")
     ap.add_argument("--drafts", type=int, nargs="+", help="draft tokens per request in verify")
     ap.add_argument("--verify-chunk", type=int, help="chunk size of ours verify (buffer lengths staggered below it)")
+    ap.add_argument("--extra-chunks", type=int, nargs="+", help="more chunk sizes of ours buffered ...")
+    ap.add_argument("--extra-chunk-batches", type=int, nargs="+", help="... at these batch sizes")
     ap.add_argument("--tunings", type=Tuning.parse, nargs="+",
-                    help="launch parameters of our rows, one row each (see Tuning; e.g. auto two v8w1 v128w4s1 p0)")
+                    help="launch parameters of our rows, one row each (see Tuning; e.g. auto two v16w1 h2p1 f16)")
+    ap.add_argument("--verify-tunings", type=Tuning.parse, nargs="+",
+                    help="verify's rows, one per tuning (default: --tunings; e.g. auto v64w2 v64w2e1 k64n2)")
+    ap.add_argument("--deadline", type=float,
+                    help="seconds after start past which no new row starts (the tables cover what ran)")
     ap.add_argument("--steps", type=int, help="consecutive steps per CUDA graph")
     ap.add_argument("--replays", type=int, help="graph replays per trial")
     ap.add_argument("--trials", type=int, help="trials (median reported)")
@@ -972,6 +1042,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False  # the PyTorch references stay fp32/fp64
     env = build_env(args, device)
+    if args.deadline is not None:
+        env.deadline = time.perf_counter() + args.deadline
     env.copy_bw = copy_bandwidth(device)
     meta = describe(env)
     print(" ".join(f"{k}={v}" for k, v in meta.items() if k not in ("dims", "plan")))
@@ -996,6 +1068,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report(env, results, "decode", "Decode, one GDN layer (us per step)", "sgl rec")
     report(env, results, "verify", "Speculative verify, one GDN layer (us per call)", "sgl verify")
     legend(env)
+    pivot(results, "verify", "Verify x SGLang's recurrent verify w/o bookkeeping, by batch and draft tokens")
+    pivot(results, "decode", "Decode x SGLang recurrent w/o bookkeeping, by batch")
     if lost:
         print(f"\nSTOPPED: the CUDA context was lost ({lost}); rerun the rest with --methods/--skip.")
     return 1 if lost or any(not r.ok for r in results) else 0

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launches import launch_for
 from .pools import BufferPool
 from .reference import NORM_EPS
 from .tiles import add_buffer, block
@@ -23,7 +24,7 @@ Tensor = torch.Tensor
 def _fold_kernel(
     states, buf_keys, buf_values, weights, decays, buf_slots, buf_lens, read_slots, write_slots,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, STAGES: tl.constexpr,
 ):
     """One [BV, K] tile of states[write] = decay * states[read] + sum_{j<n} weights[j] d_j k_j^T (read < 0: from
     zeros; write < 0: nothing to fold), by the same rank-1 updates as the decode's fused flush."""
@@ -40,7 +41,8 @@ def _fold_kernel(
         states + tl.maximum(read, 0) * HV * V * K + tile,
         mask=(offs_v < tl.where(read >= 0, V, 0))[:, None] & mask_k[None, :], other=0.0)
     S = add_buffer(S, buf_keys + (slot * H + i_h // (HV // H)) * L * K, buf_values + (slot * HV + i_h) * L * V,
-                   weights + (i_b * HV + i_h) * L, tl.load(buf_lens + i_b), offs_k, mask_k, offs_v, mask_v, K, V)
+                   weights + (i_b * HV + i_h) * L, tl.load(buf_lens + i_b), offs_k, mask_k, offs_v, mask_v, K, V,
+                   STAGES)
     tl.store(states + write * HV * V * K + tile, S,
              mask=mask_v[:, None] & mask_k[None, :])
 
@@ -62,5 +64,6 @@ def fold_triton(states: Tensor, buffer: BufferPool, buf_slots: Tensor, buf_lens:
     BK, BV = block(K), min(block(V), block_v)
     _fold_kernel[(triton.cdiv(V, BV), n_req, HV)](
         states, buffer.keys, buffer.values, weights, decays, buf_slots, buf_lens, read_slots, write_slots,
-        H=H, HV=HV, K=K, V=V, L=buffer.capacity, BK=BK, BV=BV, num_warps=num_warps,
+        H=H, HV=HV, K=K, V=V, L=buffer.capacity, BK=BK, BV=BV, STAGES=launch_for(states.device).flush_stages,
+        num_warps=num_warps,
     )

@@ -5,7 +5,8 @@ Two launches per step (per round of up to 16 tokens for blocks), so the pass ove
 speed with few registers live:
 1. Scores: gating, cumulative decays (fp64), and the weight of every earlier entry j for each new token t:
    e^{G_t - G_j}/|k_j|, e^{G_t - G_j} (k_t . k_j), e^{G_t - G_j} (q_t . k_j).
-   Decode (`_decode_scores_kernel`, one program per (request, value head)) uses plain vector products; blocks
+   Decode (`_decode_scores_kernel`, one program per request and value head, or per key head: the value heads
+   sharing it share its loads and products) uses plain vector products; blocks
    (`_scores_kernel`) run one program per (request, key head), so the HV / H value heads sharing a key head
    load its keys, queries and buffered keys and take their tensor-core products (exact for bf16 inputs) once,
    then apply each value head's decays and gates; they also invert each head's unit lower-triangular system
@@ -13,17 +14,21 @@ speed with few registers live:
    registers. Both append the new keys and decays to the buffer.
 2. Apply, one program per (value tile, request, value head), reads its checkpoint tile once:
        d_t = beta_t (v_t - e^{G_t} S0^T k_t - sum_j w_k[t, j] d_j),   o_t = e^{G_t} S0^T q_t + sum_j w_q[t, j] d_j
-   `_decode_apply_kernel` (one token) streams the buffered corrected values once and fuses the flush: a flushing
-   program adds the buffer to the checkpoint tile it already holds, one rank-1 update per entry (no second read).
+   `_decode_apply_kernel` (one token) streams the buffered corrected values once and fuses the flush: every
+   program updates its checkpoint tile in registers by this token (S = e^{G} S0 + d k^T; the output reads S, as
+   the recurrence does, so the two tile products run one after the other and need half the registers), and a
+   flushing program adds the buffer to it, one rank-1 update per entry (no second read).
    `_block_apply_kernel` computes a whole block with matrix products: S0 against all T keys and queries (S0
    streamed in pipelined key chunks, so its loads overlap the products and few registers hold it), the
    buffer's values against all T weight rows in one pass, then D = (I + diag(beta) A)^{-1} diag(beta) X and
-   O = e^{G} Q S0 + W_q D, so no token waits for the one before it.
-On Hopper the block apply launch overlaps its scores launch (programmatic dependent launch): it streams its
-checkpoint tile before waiting for the scores (for decode this measured 1-2% slower at B >= 256, so it is off).
-Decode batches of at most INLINE_SCORES_MAX_REQUESTS requests skip the scores launch: each apply program weighs
-the buffer itself (redundant across value tiles, but one launch instead of two where launch latency dominates).
-The recurrent baseline is the decode apply alone with gating inline, flushing every step, no buffer.
+   O = e^{G} Q S0 + W_q D, so no token waits for the one before it (its tail loads that need no scores may be
+   issued before the stream).
+On Hopper an apply launch may overlap its scores launch (programmatic dependent launch): it streams its
+checkpoint tile before waiting for the scores. Small decode batches may skip the scores launch: each apply
+program weighs the buffer itself (redundant across value tiles, but one launch instead of two where launch
+latency dominates). Tiles, warps, pipelining and these choices come from `launches.launch_for`, per GPU model
+and batch size. The recurrent baseline is the decode apply alone with gating inline, flushing every step, no
+buffer.
 """
 
 from __future__ import annotations
@@ -33,33 +38,24 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from .launches import launch_for
 from .pools import BufferPool
 from .tiles import NORM_EPS, add_buffer, block, gate, l2norm_vec
 
 Tensor = torch.Tensor
 
 MAX_TOKENS_PER_ROUND = 16
-# tiles and warps: the fastest of a `benchmarks/bench_kernels.py --tunings` sweep on an H100 (docs/BENCHMARKS.md)
-DECODE_SCORES_WARPS, SCORES_WARPS = 2, 1
 SCORES_K_CHUNK = 128  # the verify scores multiply keys in chunks of this many columns (128: whole key tiles)
-BLOCK_APPLY_WARPS = 4
-VERIFY_K_CHUNK, VERIFY_STAGES = 32, 3  # the block apply streams the checkpoint in key chunks, pipelined
-DECODE_TILE = (8, 1)  # (value rows per program, warps) of the decode apply after a scores launch
-INLINE_DECODE_TILE = (16, 2)  # ... and of the single launch, whose programs each weigh the whole buffer
 DOT_FP32 = tl.constexpr("tf32x3")  # fp32 operands on tensor cores at fp32 accuracy
-# decode batches this small weigh the buffer inside the apply launch: one launch instead of two
-INLINE_SCORES_MAX_REQUESTS = 4
 # weights [N, HV, 3, L]: e^{G_t-G_j}/|k_j| (decode: folds raw keys), k-score, q-score (blocks: also of the block's
 # own tokens i <= t, from column n)
 WEIGHT_KINDS = tl.constexpr(3)
-COEFS = tl.constexpr(3)  # e^{G_t}, beta_t, q_t . k_t (blocks: e^{G_t} only)
-# programmatic dependent launch (Hopper on): the block apply reads checkpoints while its scores launch runs
-PROGRAMMATIC_LAUNCH = True
+COEFS = tl.constexpr(2)  # e^{G_t}, beta_t (blocks: e^{G_t} only)
 
 
-def _programmatic(device: torch.device) -> bool:
-    """Whether the block apply may overlap its scores launch: needs sm_90+ (the interpreter has no grid control)."""
-    return PROGRAMMATIC_LAUNCH and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+def _programmatic(wanted: bool, device: torch.device) -> bool:
+    """Whether an apply launch may overlap its scores launch: needs sm_90+ (the interpreter has no grid control)."""
+    return wanted and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @triton.jit
@@ -204,35 +200,48 @@ def _scores_kernel(
 def _decode_scores_kernel(
     q, k, a, b, A_log, dt_bias, buf_keys, buf_decay, buf_slots, buf_lens, weights, coefs, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BL: tl.constexpr,
+    HEADS: tl.constexpr, PDL: tl.constexpr,
 ):
-    """`_scores_kernel` for one token per request: plain vector products, no tile padded to tensor-core size."""
-    i_b, i_h = tl.program_id(0), tl.program_id(1)
-    i_hk = i_h // (HV // H)
-    offs_k = tl.arange(0, BK)
+    """`_scores_kernel` for one token per request: plain vector products, no tile padded to tensor-core size.
+
+    One program per (request, HEADS value heads of one key head): they share the key, query and buffered-key loads
+    and products, then weigh them with their own decays as [HEADS, BL] tiles."""
+    if PDL:  # the apply launch may start its checkpoint reads now
+        gdc_launch_dependents()
+    i_b, i_p = tl.program_id(0), tl.program_id(1)
+    tk = i_b.to(tl.int64)
+    i_hk = i_p * HEADS // (HV // H)
+    offs_k, heads = tl.arange(0, BK), i_p * HEADS + tl.arange(0, HEADS)
     mask_k = offs_k < K
-    k_raw, qn, kn, g, beta = _token(q, k, a, b, A_log, dt_bias, scale, i_b, i_h, i_hk, offs_k, mask_k, H, HV, K)
+    k_raw = tl.load(k + (tk * H + i_hk) * K + offs_k, mask=mask_k, other=0.0)
+    kn = l2norm_vec(k_raw.to(tl.float32), NORM_EPS)
+    qn = l2norm_vec(tl.load(q + (tk * H + i_hk) * K + offs_k, mask=mask_k, other=0.0).to(tl.float32),
+                    NORM_EPS) * scale
+    g, beta = gate(tl.load(a + tk * HV + heads), tl.load(b + tk * HV + heads), tl.load(A_log + heads),
+                   tl.load(dt_bias + heads))
     slot = tl.load(buf_slots + i_b).to(tl.int64)
     n = tl.load(buf_lens + i_b)
-    decay_base = buf_decay + (slot * HV + i_h) * L
+    decay_rows = buf_decay + (slot * HV + heads) * L  # [HEADS]
     keys_base = buf_keys + (slot * H + i_hk) * L * K
-    G = tl.load(decay_base + n - 1, mask=n > 0, other=0.0) + g.to(tl.float64)
-    w_base = weights + (i_b * HV + i_h) * WEIGHT_KINDS * L
+    G = tl.load(decay_rows + n - 1, mask=heads < tl.where(n > 0, HV, 0), other=0.0) + g.to(tl.float64)  # [HEADS]
+    w_rows = weights + (tk * HV + heads)[:, None] * WEIGHT_KINDS * L  # [HEADS, 1]
     for start in range(0, n, BL):
         offs_l = start + tl.arange(0, BL)
         mask_l = offs_l < n
         Kb = tl.load(keys_base + offs_l[:, None] * K + offs_k[None, :], mask=mask_l[:, None] & mask_k[None, :],
                      other=0.0).to(tl.float32)
-        W = tl.exp((G - tl.load(decay_base + offs_l, mask=mask_l, other=0.0)).to(tl.float32))
-        W = W * tl.rsqrt(tl.sum(Kb * Kb, axis=1) + NORM_EPS)
-        tl.store(w_base + offs_l, W, mask=mask_l)
-        tl.store(w_base + L + offs_l, W * tl.sum(Kb * kn[None, :], axis=1), mask=mask_l)
-        tl.store(w_base + 2 * L + offs_l, W * tl.sum(Kb * qn[None, :], axis=1), mask=mask_l)
-    coef_base = coefs + (i_b * HV + i_h) * COEFS
-    tl.store(coef_base, tl.exp(G).to(tl.float32))  # exp in fp64: e^{G} to fp32 precision
-    tl.store(coef_base + 1, beta)
-    tl.store(coef_base + 2, tl.sum(qn * kn))
-    tl.store(decay_base + n, G)
-    if i_h % (HV // H) == 0:
+        inv_b = tl.rsqrt(tl.sum(Kb * Kb, axis=1) + NORM_EPS)
+        mask_w = (heads < HV)[:, None] & mask_l[None, :]  # [HEADS, BL]
+        W = tl.exp((G[:, None] - tl.load(decay_rows[:, None] + offs_l[None, :], mask=mask_w, other=0.0)
+                    ).to(tl.float32)) * inv_b[None, :]  # [HEADS, BL]
+        tl.store(w_rows + offs_l[None, :], W, mask=mask_w)
+        tl.store(w_rows + L + offs_l[None, :], W * tl.sum(Kb * kn[None, :], axis=1)[None, :], mask=mask_w)
+        tl.store(w_rows + 2 * L + offs_l[None, :], W * tl.sum(Kb * qn[None, :], axis=1)[None, :], mask=mask_w)
+    coef_rows = coefs + (tk * HV + heads) * COEFS
+    tl.store(coef_rows, tl.exp(G).to(tl.float32))  # exp in fp64: e^{G} to fp32 precision
+    tl.store(coef_rows + 1, beta)
+    tl.store(decay_rows + n, G)
+    if i_p * HEADS % (HV // H) == 0:
         tl.store(keys_base + n * K + offs_k, k_raw, mask=mask_k)
 
 
@@ -242,7 +251,7 @@ def _decode_apply_kernel(
     states, buf_keys, buf_values, buf_decay, buf_slots, buf_lens, read_slots, write_slots, weights, coefs, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr,
-    HAS_BUFFER: tl.constexpr, INLINE_SCORES: tl.constexpr,
+    HAS_BUFFER: tl.constexpr, INLINE_SCORES: tl.constexpr, PDL: tl.constexpr, FLUSH_STAGES: tl.constexpr,
 ):
     """One token per request: output, corrected value, and the fused flush where write_slots >= 0."""
     i_v, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -262,15 +271,15 @@ def _decode_apply_kernel(
         slot = tl.load(buf_slots + i_b).to(tl.int64)
         n = tl.load(buf_lens + i_b)
         values_base = buf_values + (slot * HV + i_h) * L * V
-        acc_k = tl.zeros([BL, BV], dtype=tl.float32)
-        acc_q = tl.zeros([BL, BV], dtype=tl.float32)
+        acc_k = tl.zeros([BV], dtype=tl.float32)
+        acc_q = tl.zeros([BV], dtype=tl.float32)
         if INLINE_SCORES:  # few requests: this program weighs the entries itself, one launch
             k_raw, qn, kn, g, beta = _token(q, k, a, b, A_log, dt_bias, scale, tk, i_h, i_hk, offs_k, mask_k,
                                             H, HV, K)
             decay_base = buf_decay + (slot * HV + i_h) * L
             keys_base = buf_keys + (slot * H + i_hk) * L * K
             G = tl.load(decay_base + n - 1, mask=n > 0, other=0.0) + g.to(tl.float64)
-            eG, qk = tl.exp(G).to(tl.float32), tl.sum(qn * kn)
+            eG = tl.exp(G).to(tl.float32)
             for start in range(0, n, BL):
                 offs_l = start + tl.arange(0, BL)
                 mask_l = offs_l < n
@@ -281,45 +290,47 @@ def _decode_apply_kernel(
                 tl.store(w_base + offs_l, W, mask=mask_l)  # every value tile writes the same; the flush reads its own
                 Db = tl.load(values_base + offs_l[:, None] * V + offs_v[None, :],
                              mask=mask_l[:, None] & mask_v[None, :], other=0.0)
-                acc_k += (W * tl.sum(Kb * kn[None, :], axis=1))[:, None] * Db
-                acc_q += (W * tl.sum(Kb * qn[None, :], axis=1))[:, None] * Db
+                acc_k += tl.sum((W * tl.sum(Kb * kn[None, :], axis=1))[:, None] * Db, axis=0)
+                acc_q += tl.sum((W * tl.sum(Kb * qn[None, :], axis=1))[:, None] * Db, axis=0)
             if i_v == 0:
                 tl.store(decay_base + n, G)
                 if i_h % (HV // H) == 0:
                     tl.store(keys_base + n * K + offs_k, k_raw, mask=mask_k)
         else:
-            coef_base = coefs + (tk * HV + i_h) * COEFS
-            eG, beta, qk = tl.load(coef_base), tl.load(coef_base + 1), tl.load(coef_base + 2)
             kn = l2norm_vec(tl.load(k + (tk * H + i_hk) * K + offs_k, mask=mask_k, other=0.0).to(tl.float32),
                             NORM_EPS)
             qn = l2norm_vec(tl.load(q + (tk * H + i_hk) * K + offs_k, mask=mask_k, other=0.0).to(tl.float32),
                             NORM_EPS) * scale
+            if PDL:  # what follows reads the scores launch's writes
+                gdc_wait()
+            coef_base = coefs + (tk * HV + i_h) * COEFS
+            eG, beta = tl.load(coef_base), tl.load(coef_base + 1)
             for start in range(0, n, BL):
                 offs_l = start + tl.arange(0, BL)
                 mask_l = offs_l < n
                 Db = tl.load(values_base + offs_l[:, None] * V + offs_v[None, :],
                              mask=mask_l[:, None] & mask_v[None, :], other=0.0)
-                acc_k += tl.load(w_base + L + offs_l, mask=mask_l, other=0.0)[:, None] * Db
-                acc_q += tl.load(w_base + 2 * L + offs_l, mask=mask_l, other=0.0)[:, None] * Db
-        mix_k, mix_q = tl.sum(acc_k, axis=0), tl.sum(acc_q, axis=0)
+                acc_k += tl.sum(tl.load(w_base + L + offs_l, mask=mask_l, other=0.0)[:, None] * Db, axis=0)
+                acc_q += tl.sum(tl.load(w_base + 2 * L + offs_l, mask=mask_l, other=0.0)[:, None] * Db, axis=0)
+        mix_k, mix_q = acc_k, acc_q
     else:
         _, qn, kn, g, beta = _token(q, k, a, b, A_log, dt_bias, scale, tk, i_h, i_hk, offs_k, mask_k, H, HV, K)
-        eG, qk = tl.exp(g), tl.sum(qn * kn)
+        eG = tl.exp(g)
         mix_k = tl.zeros([BV], dtype=tl.float32)
         mix_q = tl.zeros([BV], dtype=tl.float32)
     d = beta * (vv - eG * tl.sum(S0 * kn[None, :], axis=1) - mix_k)
-    o = eG * tl.sum(S0 * qn[None, :], axis=1) + mix_q + qk * d
+    S = eG * S0 + d[:, None] * kn[None, :]  # the checkpoint decayed and updated by this token (the buffer apart)
+    o = tl.sum(S * qn[None, :], axis=1) + mix_q
     tl.store(out + (tk * HV + i_h) * V + offs_v, o.to(out.dtype.element_ty), mask=mask_v)
     if HAS_BUFFER:
         tl.store(values_base + n * V + offs_v, d, mask=mask_v)
     write = tl.load(write_slots + i_b).to(tl.int64)
     if write >= 0:  # the flush, from the checkpoint tile in registers: one rank-1 update per entry
-        S = eG * S0 + d[:, None] * kn[None, :]
         if HAS_BUFFER:
             if INLINE_SCORES:  # the weights read below were stored by other threads of this program
                 tl.debug_barrier()
             S = add_buffer(S, buf_keys + (slot * H + i_hk) * L * K, values_base, w_base, n, offs_k, mask_k, offs_v,
-                           mask_v, K, V)
+                           mask_v, K, V, FLUSH_STAGES)
         tl.store(states + write * HV * V * K + tile, S, mask=mask_v[:, None] & mask_k[None, :])
 
 
@@ -342,26 +353,47 @@ def _dot_fp32(x, y_hi, y_lo, X_EXACT: tl.constexpr):
 
 
 @triton.jit
+def _weigh_values(KS, QS, Db, w_k, w_q, offs_l, mask_t, n):
+    """KS, QS + the block's k- and q-score rows (`w_k`, `w_q`: [BT, 1] row pointers) times buffered values Db."""
+    mask_w = mask_t[:, None] & (offs_l < n)[None, :]
+    KS += tl.dot(tl.load(w_k + offs_l[None, :], mask=mask_w, other=0.0), Db, input_precision=DOT_FP32)
+    QS += tl.dot(tl.load(w_q + offs_l[None, :], mask=mask_w, other=0.0), Db, input_precision=DOT_FP32)
+    return KS, QS
+
+
+@triton.jit
 def _block_apply_kernel(
     q, k, v, out, states, buf_values, cu_seqlens, buf_slots, buf_lens, read_slots, weights, solve, coefs,
     offset, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, BT: tl.constexpr, EXACT_INPUTS: tl.constexpr,
-    KC: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
+    KC: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """A block of up to BT tokens per request as matrix products; the checkpoint and the buffer read once.
 
-    S0^T k_t and S0^T q_t come from the raw inputs, normalized after the product."""
+    S0^T k_t and S0^T q_t come from the raw inputs, normalized after the product. PREFETCH issues the loads that
+    follow the checkpoint stream and do not need the scores launch (the block's values, the first BL buffered
+    values) before it, so a program's tail after the stream waits on one round of loads instead of several."""
     i_v, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hk = i_h // (HV // H)
     first, T = _round(cu_seqlens, offset, i_b, BT)
     if T > 0:
         offs_t, offs_v = tl.arange(0, BT), i_v * BV + tl.arange(0, BV)
         mask_v, mask_t = offs_v < V, offs_t < T
+        mask_tv = mask_t[:, None] & mask_v[None, :]
         tok = (first + offs_t).to(tl.int64)
         read = tl.load(read_slots + i_b).to(tl.int64)
         rows_held = tl.where(read >= 0, V, 0)
         S0_rows = states + tl.maximum(read, 0) * HV * V * K + i_h * V * K + offs_v[:, None] * K
+        slot = tl.load(buf_slots + i_b).to(tl.int64)
+        n = tl.load(buf_lens + i_b) + offset
+        values_base = buf_values + (slot * HV + i_h) * L * V
+        v_rows = v + (tok[:, None] * HV + i_h) * V + offs_v[None, :]
+        offs_l = tl.arange(0, BL)
+        if PREFETCH:
+            Vb = tl.load(v_rows, mask=mask_tv, other=0.0)
+            Db = tl.load(values_base + offs_l[:, None] * V + offs_v[None, :],
+                         mask=(offs_l < n)[:, None] & mask_v[None, :], other=0.0)
         KS = tl.zeros([BT, BV], dtype=tl.float32)
         QS = tl.zeros([BT, BV], dtype=tl.float32)
         kk = tl.zeros([BT], dtype=tl.float32)
@@ -384,25 +416,22 @@ def _block_apply_kernel(
         KS *= (eG * tl.rsqrt(kk + NORM_EPS))[:, None]
         QS *= (eG * tl.rsqrt(qq + NORM_EPS) * scale)[:, None]
 
-        slot = tl.load(buf_slots + i_b).to(tl.int64)
-        n = tl.load(buf_lens + i_b) + offset
-        values_base = buf_values + (slot * HV + i_h) * L * V
         w_k = weights + ((tok[:, None] * HV + i_h) * WEIGHT_KINDS + 1) * L  # [BT, 1] rows of k-scores
         w_q = w_k + L
-        for start in range(0, n, BL):  # every buffered value once, against all the block's weight rows
-            offs_l = start + tl.arange(0, BL)
-            mask_l = offs_l < n
-            Db = tl.load(values_base + offs_l[:, None] * V + offs_v[None, :], mask=mask_l[:, None] & mask_v[None, :],
-                         other=0.0)
-            mask_w = mask_t[:, None] & mask_l[None, :]
-            KS += tl.dot(tl.load(w_k + offs_l[None, :], mask=mask_w, other=0.0), Db, input_precision=DOT_FP32)
-            QS += tl.dot(tl.load(w_q + offs_l[None, :], mask=mask_w, other=0.0), Db, input_precision=DOT_FP32)
+        first_l = 0
+        if PREFETCH:
+            KS, QS = _weigh_values(KS, QS, Db, w_k, w_q, offs_l, mask_t, n)
+            first_l = BL
+        for start in range(first_l, n, BL):  # every buffered value once, against all the block's weight rows
+            Db = tl.load(values_base + (start + offs_l)[:, None] * V + offs_v[None, :],
+                         mask=(start + offs_l < n)[:, None] & mask_v[None, :], other=0.0)
+            KS, QS = _weigh_values(KS, QS, Db, w_k, w_q, start + offs_l, mask_t, n)
 
-        mask_tv = mask_t[:, None] & mask_v[None, :]
+        if not PREFETCH:
+            Vb = tl.load(v_rows, mask=mask_tv, other=0.0)
         seen = mask_t[:, None] & (offs_t[None, :] <= offs_t[:, None])
-        X = tl.load(v + (tok[:, None] * HV + i_h) * V + offs_v[None, :], mask=mask_tv, other=0.0).to(tl.float32) - KS
         P = tl.load(solve + (tok[:, None] * HV + i_h) * BT + offs_t[None, :], mask=seen, other=0.0)
-        D = tl.dot(P, X, input_precision=DOT_FP32)
+        D = tl.dot(P, Vb.to(tl.float32) - KS, input_precision=DOT_FP32)
         O = QS + tl.dot(tl.load(w_q + n + offs_t[None, :], mask=seen, other=0.0), D, input_precision=DOT_FP32)
         tl.store(out + (tok[:, None] * HV + i_h) * V + offs_v[None, :], O.to(out.dtype.element_ty), mask=mask_tv)
         tl.store(values_base + (n + offs_t[:, None]) * V + offs_v[None, :], D, mask=mask_tv)
@@ -437,17 +466,21 @@ def _decode(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor
             buffer: BufferPool | None, buf_slots: Tensor, buf_lens: Tensor, read_slots: Tensor, write_slots: Tensor,
             scale: float | None, out: Tensor | None, block_v: int | None = None, block_l: int = 16,
             num_warps: int | None = None) -> Tensor:
-    """One token per request; buffer None is the recurrent baseline. Tiles default to the launch's own."""
+    """One token per request; buffer None is the recurrent baseline. Tiles default to the GPU's launch table."""
     q, k, v, a, b, out = _prepare(q, k, v, a, b, states, buffer, out)
     (N, H, K), (HV, V) = q.shape, v.shape[1:]
     if N == 0:
         return out
     scale = K ** -0.5 if scale is None else scale
+    launch = launch_for(q.device)
+    if buffer is None:
+        (rows, warps), inline, pdl = launch.recurrent, False, False
+    else:
+        tile = launch.decode_for(N)
+        rows, warps, inline = tile.rows, tile.warps, tile.inline
+        pdl = _programmatic(tile.programmatic and not inline, q.device)
     L = 1 if buffer is None else buffer.capacity
-    inline = buffer is not None and N <= INLINE_SCORES_MAX_REQUESTS
-    tile_v, tile_warps = INLINE_DECODE_TILE if inline else DECODE_TILE
-    BK, BV = block(K), min(block(V), block_v or tile_v)
-    num_warps = num_warps or tile_warps
+    BK, BV = block(K), min(block(V), block_v or rows)
     if buffer is None:
         keys = values = decay = weights = coefs = states
     else:
@@ -455,20 +488,22 @@ def _decode(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor
         weights = torch.empty(N, HV, WEIGHT_KINDS.value, L, dtype=torch.float32, device=q.device)
         coefs = torch.empty(N, HV, COEFS.value, dtype=torch.float32, device=q.device)
         if not inline:
-            _decode_scores_kernel[(N, HV)](q, k, a, b, A_log, dt_bias, keys, decay, buf_slots, buf_lens, weights,
-                                           coefs, scale, H=H, HV=HV, K=K, L=L, BK=BK, BL=block_l,
-                                           num_warps=DECODE_SCORES_WARPS)
+            heads = launch.decode_scores_heads if (HV // H) % launch.decode_scores_heads == 0 else 1
+            _decode_scores_kernel[(N, HV // heads)](q, k, a, b, A_log, dt_bias, keys, decay, buf_slots, buf_lens,
+                                                    weights, coefs, scale, H=H, HV=HV, K=K, L=L, BK=BK, BL=block_l,
+                                                    HEADS=heads, PDL=pdl, num_warps=launch.decode_scores_warps)
     _decode_apply_kernel[(triton.cdiv(V, BV), N, HV)](
         q, k, v, a, b, A_log, dt_bias, out, states, keys, values, decay, buf_slots, buf_lens, read_slots, write_slots,
         weights, coefs, scale, H=H, HV=HV, K=K, V=V, L=L, BK=BK, BV=BV, BL=block_l,
-        HAS_BUFFER=buffer is not None, INLINE_SCORES=inline, num_warps=num_warps)
+        HAS_BUFFER=buffer is not None, INLINE_SCORES=inline, PDL=pdl, FLUSH_STAGES=launch.flush_stages,
+        num_warps=num_warps or warps, launch_pdl=pdl)
     return out
 
 
 def _blocks(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, states: Tensor,
             buffer: BufferPool, cu_seqlens: Tensor, buf_slots: Tensor, buf_lens: Tensor, read_slots: Tensor,
-            scale: float | None, out: Tensor | None, max_tokens: int, block_v: int = 128, block_l: int = 16,
-            num_warps: int = BLOCK_APPLY_WARPS) -> Tensor:
+            scale: float | None, out: Tensor | None, max_tokens: int, block_v: int | None = None,
+            block_l: int = 16, num_warps: int | None = None) -> Tensor:
     """Variable-length blocks of tokens per request, in rounds of up to MAX_TOKENS_PER_ROUND."""
     q, k, v, a, b, out = _prepare(q, k, v, a, b, states, buffer, out)
     (N, H, K), (HV, V) = q.shape, v.shape[1:]
@@ -476,23 +511,26 @@ def _blocks(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor
     if N == 0 or n_req == 0:
         return out
     scale = K ** -0.5 if scale is None else scale
-    BK, BV, BT = block(K), min(block(V), block_v), block(min(max_tokens, MAX_TOKENS_PER_ROUND))
+    launch = launch_for(q.device)
+    rows, warps = launch.verify
+    BK, BV, BT = block(K), min(block(V), block_v or rows), block(min(max_tokens, MAX_TOKENS_PER_ROUND))
     L = buffer.capacity
     weights = torch.empty(N, HV, WEIGHT_KINDS.value, L, dtype=torch.float32, device=q.device)
     solve = torch.empty(N, HV, BT, dtype=torch.float32, device=q.device)
     coefs = torch.empty(N, HV, COEFS.value, dtype=torch.float32, device=q.device)
     exact = q.dtype != torch.float32 and k.dtype != torch.float32  # 16-bit inputs: exact in tf32
     precision = "tf32" if exact else "tf32x3"
-    pdl = _programmatic(q.device)
+    pdl = _programmatic(launch.verify_programmatic, q.device)
     for offset in range(0, max_tokens, BT):
         _scores_kernel[(n_req, H)](q, k, a, b, A_log, dt_bias, buffer.keys, buffer.decay, cu_seqlens, buf_slots,
                                    buf_lens, weights, solve, coefs, offset, scale, H=H, HV=HV, K=K, L=L, BK=BK,
                                    BL=block_l, BT=BT, BG=triton.next_power_of_2(HV // H), KC=min(BK, SCORES_K_CHUNK),
-                                   PRECISION=precision, PDL=pdl, num_warps=SCORES_WARPS)
+                                   PRECISION=precision, PDL=pdl, num_warps=launch.verify_scores_warps)
         _block_apply_kernel[(triton.cdiv(V, BV), n_req, HV)](
             q, k, v, out, states, buffer.values, cu_seqlens, buf_slots, buf_lens, read_slots, weights, solve, coefs,
             offset, scale, H=H, HV=HV, K=K, V=V, L=L, BK=BK, BV=BV, BL=block_l, BT=BT, EXACT_INPUTS=exact,
-            KC=min(BK, VERIFY_K_CHUNK), STAGES=VERIFY_STAGES, PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
+            KC=min(BK, launch.verify_k_chunk), STAGES=launch.verify_stages, PDL=pdl,
+            PREFETCH=launch.verify_prefetch, num_warps=num_warps or warps, launch_pdl=pdl)
     return out
 
 

@@ -4,7 +4,6 @@ import triton
 import triton.language as tl
 
 NORM_EPS = tl.constexpr(1e-6)  # same epsilon as the reference and fla-core
-FLUSH_STAGES = tl.constexpr(3)  # a fold's buffer loads run this many entries ahead (`add_buffer`; measured best of 1-3)
 
 
 @triton.jit
@@ -28,11 +27,11 @@ def block(n: int, least: int = 16) -> int:
 
 @triton.jit
 def add_buffer(S, keys_base, values_base, weights_base, n, offs_k, mask_k, offs_v, mask_v,
-               K: tl.constexpr, V: tl.constexpr):
+               K: tl.constexpr, V: tl.constexpr, STAGES: tl.constexpr):
     """S + sum_{j<n} weights[j] d_j k_j^T for a [BV, K] state tile held in registers: one rank-1 update per
-    buffered entry (raw keys: the weights carry 1/|k_j|), its small loads pipelined FLUSH_STAGES ahead, so a flush
-    never reads its tile twice nor needs a wide product's registers."""
-    for j in tl.range(0, n, num_stages=FLUSH_STAGES):
+    buffered entry (raw keys: the weights carry 1/|k_j|), its small loads pipelined STAGES entries ahead, so a
+    flush never reads its tile twice nor needs a wide product's registers."""
+    for j in tl.range(0, n, num_stages=STAGES):
         k_j = tl.load(keys_base + j * K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         d_j = tl.load(values_base + j * V + offs_v, mask=mask_v, other=0.0)
         S += d_j[:, None] * (k_j * tl.load(weights_base + j))[None, :]

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+from kvbuffer.kernels.launches import LAUNCHES
 
 if importlib.util.find_spec("triton.backends.nvidia") is None:
     pytest.skip("Triton's NVIDIA backend is not installed", allow_module_level=True)
@@ -24,4 +25,6 @@ def test_kernels_build_for_hopper_and_the_checkpoint_passes_do_not_spill() -> No
     run = subprocess.run([sys.executable, "-m", "kvbuffer.kernels.hopper"], env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, f"{run.stdout}\n{run.stderr[-3000:]}"
-    assert "decode apply (buffered, flush)" in run.stdout
+    for gpu in LAUNCHES:
+        assert f"{gpu}:" in run.stdout, run.stdout
+    assert "two launches" in run.stdout and "verify apply" in run.stdout

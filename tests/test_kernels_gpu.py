@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from kvbuffer.kernels import (
     reference,
     verify,
 )
+from kvbuffer.kernels.launches import LAUNCHES, Launch, use_launch
 
 pytestmark = pytest.mark.gpu
 QWEN3_NEXT = Shapes(H=16, HV=32, K=128, V=128)
@@ -27,7 +29,15 @@ def ints(values: list[int]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32, device="cuda")
 
 
-def test_decode_and_verify_at_real_shapes() -> None:
+@pytest.fixture(params=list(dict.fromkeys(LAUNCHES.values())), ids=lambda launch: next(
+    gpu for gpu, table in LAUNCHES.items() if table == launch))
+def gpu_table(request: pytest.FixtureRequest) -> Iterator[Launch]:
+    """Every GPU's launch table, whichever GPU runs the test (each table's kernels must be right on any card)."""
+    with use_launch(request.param) as launch:
+        yield launch
+
+
+def test_decode_and_verify_at_real_shapes(gpu_table: Launch) -> None:
     gen, seed = fresh_generator()
     layer = layer_params(gen, QWEN3_NEXT, "cuda")
     states, buffer = random_pools(gen, QWEN3_NEXT, 16, 16, 40, key_dtype=torch.bfloat16, device="cuda")

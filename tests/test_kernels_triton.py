@@ -21,16 +21,23 @@ from kvbuffer.kernels import (
     step,
     verify,
 )
+from kvbuffer.kernels.launches import ANY_BATCH, H100, DecodeLaunch, Launch, use_launch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 2e-5  # fp32 kernels against fp64
 
-
-@pytest.fixture(params=["one launch", "two launches"])
-def decode_launches(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Small decode batches weigh the buffer inside the apply launch; larger ones use a scores launch first."""
-    monkeypatch.setattr(step, "INLINE_SCORES_MAX_REQUESTS", 0 if request.param == "two launches" else 1 << 30)
-    return request.param
+# every kind of decode launch, each at any batch size: small batches weigh the buffer inside the apply launch,
+# larger ones use a scores launch first, per value head or shared by the value heads of a key head (wider tiles,
+# deeper flush pipelining and the launch overlap change nothing the interpreter can see, but run compiled on a GPU)
+DECODE_LAUNCHES = {
+    "one launch": Launch(decode=(DecodeLaunch(ANY_BATCH, 16, 2, inline=True),)),
+    "two launches": Launch(decode=(DecodeLaunch(ANY_BATCH, 8, 1),)),
+    "two launches, scores per key head": Launch(decode=(DecodeLaunch(ANY_BATCH, 32, 1, programmatic=True),),
+                                                decode_scores_heads=2, flush_stages=16),
+}
+# the block apply with its tail loads issued before the checkpoint stream, in value tiles of 16 rows
+VERIFY_LAUNCHES = {"tail loads after the stream": H100,
+                   "tail loads prefetched": Launch(decode=H100.decode, verify=(16, 1), verify_prefetch=True)}
 
 
 def ints(values: list[int]) -> torch.Tensor:
@@ -43,10 +50,11 @@ def poison_entries(buffer: BufferPool, slots: list[int], starts: list[int], coun
             t[slot, :, start:start + count] = float("nan")
 
 
+@pytest.mark.parametrize("launch", list(DECODE_LAUNCHES))
 @pytest.mark.parametrize("shapes,tuning", [(Shapes(), None),
                                            (Shapes(H=1, HV=2, K=32, V=64), {"block_v": 16, "block_l": 32})],
                          ids=["default tiles", "tuned tiles"])
-def test_buffered_decode_mixed_batch_matches_fp64(shapes: Shapes, tuning: dict | None, decode_launches: str) -> None:
+def test_buffered_decode_mixed_batch_matches_fp64(shapes: Shapes, tuning: dict | None, launch: str) -> None:
     gen, seed = fresh_generator()
     layer = layer_params(gen, shapes, DEVICE)
     states, buffer = random_pools(gen, shapes, state_slots=8, buffer_slots=6, capacity=24, device=DEVICE)
@@ -63,8 +71,9 @@ def test_buffered_decode_mixed_batch_matches_fp64(shapes: Shapes, tuning: dict |
     poison_entries(buffer, buf_slots, buf_lens, [1] * len(buf_slots))
     states[[w for w in write_slots if w >= 0 and w not in read_slots]] = float("nan")
     out = torch.full_like(v, float("nan"))
-    buffered_decode(q, k, v, a, b, layer.A_log, layer.dt_bias, states, buffer, ints(buf_slots), ints(buf_lens),
-                    ints(read_slots), ints(write_slots), backend="triton", out=out, tuning=tuning)
+    with use_launch(DECODE_LAUNCHES[launch]):
+        buffered_decode(q, k, v, a, b, layer.A_log, layer.dt_bias, states, buffer, ints(buf_slots), ints(buf_lens),
+                        ints(read_slots), ints(write_slots), backend="triton", out=out, tuning=tuning)
     assert relative_error(out, expected) < TOL, f"seed {seed}"
     assert torch.equal(states[untouched], before), f"seed {seed}: a slot nobody writes changed"
     assert relative_error(states, ref_states) < TOL, f"seed {seed}"
@@ -88,7 +97,8 @@ def test_recurrent_decode_matches_fp64_recurrence() -> None:
     assert relative_error(states, expected_states) < TOL, f"seed {seed}"
 
 
-def test_verify_variable_lengths_matches_fp64() -> None:
+@pytest.mark.parametrize("launch", list(VERIFY_LAUNCHES))
+def test_verify_variable_lengths_matches_fp64(launch: str) -> None:
     """Requests of 0, 1, 5 and 40 tokens (40 takes two rounds), with and without a checkpoint."""
     gen, seed = fresh_generator()
     shapes = Shapes()
@@ -107,8 +117,9 @@ def test_verify_variable_lengths_matches_fp64() -> None:
     states_before = states.clone()
     poison_entries(buffer, buf_slots, buf_lens, counts)
     out = torch.full_like(v, float("nan"))
-    verify(q, k, v, a, b, layer.A_log, layer.dt_bias, states, buffer, ints(cu), ints(buf_slots), ints(buf_lens),
-           ints(read_slots), backend="triton", out=out)
+    with use_launch(VERIFY_LAUNCHES[launch]):
+        verify(q, k, v, a, b, layer.A_log, layer.dt_bias, states, buffer, ints(cu), ints(buf_slots), ints(buf_lens),
+               ints(read_slots), backend="triton", out=out)
     assert relative_error(out, expected) < TOL, f"seed {seed}"
     assert torch.equal(states, states_before), "verify must never write a state"
     for name in ("keys", "values", "decay"):
@@ -160,7 +171,8 @@ def test_commit_every_accepted_length_then_decode_matches_recurrence(with_checkp
         assert relative_error(out[0], expected[-1]) < TOL, f"seed {seed}, accepted {accepted}"
 
 
-def test_long_decode_with_flushes_matches_recurrence(decode_launches: str) -> None:
+@pytest.mark.parametrize("launch", ["one launch", "two launches, scores per key head"])
+def test_long_decode_with_flushes_matches_recurrence(launch: str) -> None:
     """300 steps for two requests: one from a checkpoint, one stateless until its buffer fills, then folded
     into a fresh slot; flushes every chunk_size steps. Outputs, and the states after a final fold of what
     is left in the buffers, follow the recurrence."""
@@ -179,9 +191,10 @@ def test_long_decode_with_flushes_matches_recurrence(decode_launches: str) -> No
         limit = [chunk if has_state[r] else capacity for r in range(2)]
         flush = [lens[r] + 1 == limit[r] for r in range(2)]
         step = [x[2 * t:2 * t + 2] for x in xs]
-        outs.append(buffered_decode(*step, layer.A_log, layer.dt_bias, states, buffer, ints([0, 1]), ints(lens),
-                                    ints([r if has_state[r] else -1 for r in range(2)]),
-                                    ints([r if flush[r] else -1 for r in range(2)]), backend="triton"))
+        with use_launch(DECODE_LAUNCHES[launch]):
+            outs.append(buffered_decode(*step, layer.A_log, layer.dt_bias, states, buffer, ints([0, 1]), ints(lens),
+                                        ints([r if has_state[r] else -1 for r in range(2)]),
+                                        ints([r if flush[r] else -1 for r in range(2)]), backend="triton"))
         lens = [0 if flush[r] else lens[r] + 1 for r in range(2)]
         has_state = [has_state[r] or flush[r] for r in range(2)]
     out = torch.stack(outs)  # [steps, 2, HV, V]

@@ -81,7 +81,7 @@ class Dims:
 
 TUNING_SPEC = re.compile(r"(?:(?P<launches>one|two|auto)-?)?(?P<knobs>(?:[a-z]\d+)*)(?:@(?P<batches>\d+(?:,\d+)*))?")
 TUNING_KNOBS = {"v": "block_v", "w": "num_warps", "l": "block_l", "s": "scores_warps", "p": "programmatic",
-                "h": "scores_heads", "f": "flush_stages", "k": "k_chunk", "n": "stages", "e": "prefetch"}
+                "h": "scores_heads", "f": "flush_stages", "k": "k_chunk", "n": "stages"}
 
 
 @dataclass(frozen=True)
@@ -94,9 +94,9 @@ class Tuning:
     `s` warps and `h` value heads per program of the scores launch, `p0`/`p1` the apply launch overlapping the
     scores launch off/on (programmatic dependent launch), `f` buffer entries a flush loads ahead. Verify: `v`/`w`
     the block apply's tile, `s` its scores launch's warps, `p0`/`p1` the overlap, `k` key columns per checkpoint
-    chunk, `n` pipeline stages, `e0`/`e1` prefetching the loads after the checkpoint stream. Both: `l` buffer
+    chunk, `n` pipeline stages. Both: `l` buffer
     entries per product; `@B,B` runs the row only at these batch sizes. E.g. `v32w1`, `two-v16w1h2p1f16`,
-    `v64w2e1`, `two-p1@1,8`."""
+    `v64w2n4`, `two-p1@1,8`."""
 
     spec: str = ""
     launches: str = "auto"
@@ -109,7 +109,6 @@ class Tuning:
     flush_stages: int | None = None
     k_chunk: int | None = None
     stages: int | None = None
-    prefetch: int | None = None
     batches: tuple[int, ...] = ()
 
     @classmethod
@@ -119,7 +118,7 @@ class Tuning:
         if match is None or not spec or any(letter not in TUNING_KNOBS for letter, _ in knobs) or (
                 len({letter for letter, _ in knobs}) < len(knobs)):
             raise argparse.ArgumentTypeError(f"bad tuning {spec!r}: write e.g. auto, two, v8w1, two-v16w1h2p1f16, "
-                                             f"v64w2e1, p1@8 (knobs: {', '.join(TUNING_KNOBS)})")
+                                             f"v64w2n4, p1@8 (knobs: {', '.join(TUNING_KNOBS)})")
         batches = tuple(int(b) for b in (match["batches"] or "").split(",") if b)
         return cls(spec="" if spec == "auto" else spec, launches=match["launches"] or "auto", batches=batches,
                    **{TUNING_KNOBS[letter]: int(value) for letter, value in knobs})
@@ -151,8 +150,7 @@ class Tuning:
         changes = {"verify": (self.block_v or rows, self.num_warps or warps),
                    "verify_scores_warps": self.scores_warps, "verify_k_chunk": self.k_chunk,
                    "verify_stages": self.stages,
-                   "verify_programmatic": None if self.programmatic is None else bool(self.programmatic),
-                   "verify_prefetch": None if self.prefetch is None else bool(self.prefetch)}
+                   "verify_programmatic": None if self.programmatic is None else bool(self.programmatic)}
         return replace(base, **{name: value for name, value in changes.items() if value is not None})
 
     @contextlib.contextmanager
@@ -965,7 +963,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tunings", type=Tuning.parse, nargs="+",
                     help="launch parameters of our rows, one row each (see Tuning; e.g. auto two v16w1 h2p1 f16)")
     ap.add_argument("--verify-tunings", type=Tuning.parse, nargs="+",
-                    help="verify's rows, one per tuning (default: --tunings; e.g. auto v64w2 v64w2e1 k64n2)")
+                    help="verify's rows, one per tuning (default: --tunings; e.g. auto v64w2 v64w2n4 k64n2)")
     ap.add_argument("--deadline", type=float,
                     help="seconds after start past which no new row starts (the tables cover what ran)")
     ap.add_argument("--steps", type=int, help="consecutive steps per CUDA graph")

@@ -101,7 +101,10 @@ def step_builds(launch: Launch = DEFAULT, H: int = 16, HV: int = 32, K: int = 12
         builds.append(Build(f"decode apply (B<={d.max_requests}, {kind}, v{d.rows}w{d.warps})".replace(
             f"B<={ANY_BATCH}", "any B"), step._decode_apply_kernel, types,
             dict(decode, BV=min(step.block(V), d.rows), HAS_BUFFER=True, INLINE_SCORES=d.inline,
-                 PDL=d.programmatic and not d.inline), d.warps))
+                 PDL=d.programmatic and not d.inline), d.warps,
+            # a 32-row tile per warp sits at the register ceiling: 250 registers and no spill under the GPU's
+            # Triton 3.6, where the H200 sweep measured it fastest; a few bytes spill under newer Triton
+            may_spill=d.rows // d.warps >= 32))
     rows, warps = launch.verify
     builds += [
         Build(f"verify scores (T={tokens})", step._scores_kernel, types,
@@ -111,7 +114,7 @@ def step_builds(launch: Launch = DEFAULT, H: int = 16, HV: int = 32, K: int = 12
         Build(f"verify apply (T={tokens}, v{rows}w{warps})", step._block_apply_kernel, types,
               dict(shape, V=V, L=capacity, BV=min(step.block(V), rows), BL=block_l, BT=BT,
                    EXACT_INPUTS=key_type != "fp32", KC=min(BK, launch.verify_k_chunk), STAGES=launch.verify_stages,
-                   PDL=pdl, PREFETCH=launch.verify_prefetch), warps),
+                   PDL=pdl), warps),
         Build("fold", _fold_kernel, fold_types, fold_shape, fold_tuning["num_warps"].default),
     ]
     return builds

@@ -46,8 +46,7 @@ class Launch:
     recurrent: (value rows, warps) of the recurrent baseline.
     verify: (value rows, warps) of the block apply; verify_scores_warps of its scores launch;
     verify_k_chunk, verify_stages: the block apply streams its checkpoint in key chunks this wide, pipelined this
-    deep; verify_programmatic: the block apply overlaps its scores launch; verify_prefetch: it issues the loads
-    that follow its checkpoint stream and need no scores (the block's values, the first buffered values) first.
+    deep; verify_programmatic: the block apply overlaps its scores launch.
     """
 
     decode: tuple[DecodeLaunch, ...]
@@ -60,7 +59,6 @@ class Launch:
     verify_k_chunk: int = 32
     verify_stages: int = 3
     verify_programmatic: bool = True
-    verify_prefetch: bool = False
 
     def decode_for(self, requests: int) -> DecodeLaunch:
         return next((d for d in self.decode if requests <= d.max_requests), self.decode[-1])
@@ -68,10 +66,16 @@ class Launch:
 
 ANY_BATCH = sys.maxsize
 H100 = Launch(decode=(DecodeLaunch(4, 16, 2, inline=True), DecodeLaunch(ANY_BATCH, 8, 1)))
+# The H200 sweep (docs/BENCHMARKS.md): two value heads per scores program; 32-row tiles overlapping the scores
+# launch where the batch is small (B = 5-8, launch latency) or large (B > 64: more bytes in flight per SM), 8-row
+# tiles between; flushes load 16 entries ahead.
+H200 = Launch(decode=(DecodeLaunch(4, 16, 2, inline=True), DecodeLaunch(8, 32, 1, programmatic=True),
+                      DecodeLaunch(64, 8, 1), DecodeLaunch(ANY_BATCH, 32, 1, programmatic=True)),
+              decode_scores_heads=2, flush_stages=16)
 # by a substring of torch.cuda.get_device_name; any other device (CPU, the interpreter, other GPUs): DEFAULT
 LAUNCHES: dict[str, Launch] = {
     "H100": H100,
-    "H200": H100,  # placeholder: the H100's choices until the H200 sweep (issue 13) sets its own
+    "H200": H200,
 }
 DEFAULT = H100
 

@@ -367,13 +367,11 @@ def _block_apply_kernel(
     offset, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, BT: tl.constexpr, EXACT_INPUTS: tl.constexpr,
-    KC: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    KC: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
     """A block of up to BT tokens per request as matrix products; the checkpoint and the buffer read once.
 
-    S0^T k_t and S0^T q_t come from the raw inputs, normalized after the product. PREFETCH issues the loads that
-    follow the checkpoint stream and do not need the scores launch (the block's values, the first BL buffered
-    values) before it, so a program's tail after the stream waits on one round of loads instead of several."""
+    S0^T k_t and S0^T q_t come from the raw inputs, normalized after the product."""
     i_v, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hk = i_h // (HV // H)
     first, T = _round(cu_seqlens, offset, i_b, BT)
@@ -390,10 +388,6 @@ def _block_apply_kernel(
         values_base = buf_values + (slot * HV + i_h) * L * V
         v_rows = v + (tok[:, None] * HV + i_h) * V + offs_v[None, :]
         offs_l = tl.arange(0, BL)
-        if PREFETCH:
-            Vb = tl.load(v_rows, mask=mask_tv, other=0.0)
-            Db = tl.load(values_base + offs_l[:, None] * V + offs_v[None, :],
-                         mask=(offs_l < n)[:, None] & mask_v[None, :], other=0.0)
         KS = tl.zeros([BT, BV], dtype=tl.float32)
         QS = tl.zeros([BT, BV], dtype=tl.float32)
         kk = tl.zeros([BT], dtype=tl.float32)
@@ -418,17 +412,12 @@ def _block_apply_kernel(
 
         w_k = weights + ((tok[:, None] * HV + i_h) * WEIGHT_KINDS + 1) * L  # [BT, 1] rows of k-scores
         w_q = w_k + L
-        first_l = 0
-        if PREFETCH:
-            KS, QS = _weigh_values(KS, QS, Db, w_k, w_q, offs_l, mask_t, n)
-            first_l = BL
-        for start in range(first_l, n, BL):  # every buffered value once, against all the block's weight rows
+        for start in range(0, n, BL):  # every buffered value once, against all the block's weight rows
             Db = tl.load(values_base + (start + offs_l)[:, None] * V + offs_v[None, :],
                          mask=(start + offs_l < n)[:, None] & mask_v[None, :], other=0.0)
             KS, QS = _weigh_values(KS, QS, Db, w_k, w_q, start + offs_l, mask_t, n)
 
-        if not PREFETCH:
-            Vb = tl.load(v_rows, mask=mask_tv, other=0.0)
+        Vb = tl.load(v_rows, mask=mask_tv, other=0.0)
         seen = mask_t[:, None] & (offs_t[None, :] <= offs_t[:, None])
         P = tl.load(solve + (tok[:, None] * HV + i_h) * BT + offs_t[None, :], mask=seen, other=0.0)
         D = tl.dot(P, Vb.to(tl.float32) - KS, input_precision=DOT_FP32)
@@ -530,7 +519,7 @@ def _blocks(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Tensor
             q, k, v, out, states, buffer.values, cu_seqlens, buf_slots, buf_lens, read_slots, weights, solve, coefs,
             offset, scale, H=H, HV=HV, K=K, V=V, L=L, BK=BK, BV=BV, BL=block_l, BT=BT, EXACT_INPUTS=exact,
             KC=min(BK, launch.verify_k_chunk), STAGES=launch.verify_stages, PDL=pdl,
-            PREFETCH=launch.verify_prefetch, num_warps=num_warps or warps, launch_pdl=pdl)
+            num_warps=num_warps or warps, launch_pdl=pdl)
     return out
 
 

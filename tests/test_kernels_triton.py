@@ -35,9 +35,8 @@ DECODE_LAUNCHES = {
     "two launches, scores per key head": Launch(decode=(DecodeLaunch(ANY_BATCH, 32, 1, programmatic=True),),
                                                 decode_scores_heads=2, flush_stages=16),
 }
-# the block apply with its tail loads issued before the checkpoint stream, in value tiles of 16 rows
-VERIFY_LAUNCHES = {"tail loads after the stream": H100,
-                   "tail loads prefetched": Launch(decode=H100.decode, verify=(16, 1), verify_prefetch=True)}
+# the block apply in whole value tiles and in tiles of 16 rows
+VERIFY_LAUNCHES = {"whole value tiles": H100, "16-row value tiles": Launch(decode=H100.decode, verify=(16, 1))}
 
 
 def ints(values: list[int]) -> torch.Tensor:

@@ -31,6 +31,8 @@ from pydantic import (
     FilePath,
     SecretStr,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import (
@@ -128,11 +130,13 @@ class SGLangSettings(BaseModel):
         default_factory=dict, description="further SGLang server arguments as a JSON object of strings, by "
         "ServerArgs name, written as on SGLang's command line, e.g. {\"attention_backend\": \"triton\"}")
 
-    @model_validator(mode="after")
-    def _parallel(self) -> SGLangSettings:
-        if self.tp_size % self.ep_size:
-            raise ValueError(f"sglang.ep_size: must divide sglang.tp_size ({self.tp_size}), got {self.ep_size}")
-        return self
+    @field_validator("ep_size")
+    @classmethod
+    def _divides_tp_size(cls, ep_size: int, info: ValidationInfo) -> int:
+        tp_size = info.data.get("tp_size", 1)
+        if tp_size % ep_size:
+            raise ValueError(f"must divide sglang.tp_size ({tp_size}), got {ep_size}")
+        return ep_size
 
 
 class ServiceSettings(BaseSettings):

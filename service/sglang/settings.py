@@ -20,7 +20,8 @@ Mapping, kvbuffer setting -> SGLang argument:
 - decode_mode, buffer_size, chunk_size, speculative_num_draft_tokens: the KVBuffer plugin's, carried to
   SGLang's processes in its environment variables (plugin_environment)
 Fixed by the adapter: incremental_streaming_output (chunks are deltas), skip_tokenizer_init off (SGLang
-tokenizes and detokenizes with the model directory's tokenizer), log_level.
+tokenizes and detokenizes with the model directory's tokenizer); log_level one step quieter for SGLang (its info
+logs batches).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ NATIVE_ONLY = {"memory_budget_bytes": "sglang.mem_fraction_static",
 _DRAFT_MODELS = ("nextn", "eagle", "eagle3")  # speculative algorithms that draft with a model (SGLang's EAGLE family)
 _SPECULATIVE_KNOBS = ("speculative_num_steps", "speculative_eagle_topk", "speculative_draft_model_path")
 _SGLANG_NAMES = {"cuda_graph_bs": "cuda_graph_bs_decode"}  # sglang group names that SGLang spells otherwise
+# SGLang logs every few decode batches at info: that is our debug.
+_SGLANG_LOG_LEVEL = {"debug": "info", "info": "warning"}
 # SGLang arguments that shared settings (or the adapter: "engine") set; extra_server_args may not set them.
 _MAPPED = {"model_path": "model", "device": "device", "incremental_streaming_output": "engine",
            "skip_tokenizer_init": "engine", "log_level": "log_level", "dtype": "dtype", "random_seed": "seed",
@@ -132,7 +135,7 @@ def server_arguments(settings: ServiceSettings) -> list[ServerArg]:
             ServerArg("device", "device", "cuda"),
             ServerArg("engine", "incremental_streaming_output", True),
             ServerArg("engine", "skip_tokenizer_init", False),
-            ServerArg("log_level", "log_level", settings.log_level),
+            ServerArg("log_level", "log_level", _SGLANG_LOG_LEVEL.get(settings.log_level, settings.log_level)),
             ServerArg("dtype", "dtype", settings.dtype),
             ServerArg("seed", "random_seed", settings.seed),
             ServerArg("max_running_requests", "max_running_requests", settings.max_running_requests),

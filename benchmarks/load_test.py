@@ -13,7 +13,7 @@ it, only RESOURCE_EXHAUSTED. Then:
 Exit status 1 if any of that fails.
 
     python benchmarks/load_test.py --clients 1 8 32 --duration 10 -- --max-running-requests 8 --max-waiting-requests 8
-    python benchmarks/load_test.py --mode unary --clients 4 --cancel-storm 64 --drain 8
+    python benchmarks/load_test.py --clients 4 --unary-clients 4 --cancel-storm 64 --drain 8
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def random_prompt(rng: random.Random, chars: int) -> str:
     return "".join(rng.choices(string.ascii_letters + " ", k=chars))
 
 
-async def client_loop(client: KVBufferClient, deadline: float, args: argparse.Namespace, rng: random.Random,
-                      results: Results) -> None:
+async def client_loop(client: KVBufferClient, mode: str, deadline: float, args: argparse.Namespace,
+                      rng: random.Random, results: Results) -> None:
     """Back-to-back requests until the deadline; a refused request backs off before the next."""
     while time.perf_counter() < deadline:
         prompt = random_prompt(rng, args.prompt_chars)
@@ -79,7 +79,7 @@ async def client_loop(client: KVBufferClient, deadline: float, args: argparse.Na
         first = last = 0.0
         tokens = 0
         try:
-            if args.mode == "unary":
+            if mode == "unary":
                 response = await client.generate_unary(prompt, max_new_tokens=args.max_new_tokens, ignore_eos=True,
                                                        timeout=args.request_timeout_s)
                 first = last = time.perf_counter()
@@ -96,16 +96,18 @@ async def client_loop(client: KVBufferClient, deadline: float, args: argparse.Na
             await asyncio.sleep(args.backoff_s)
             continue
         results.ttft_s.append(first - start)
-        if tokens > 1 and args.mode == "stream":
+        if tokens > 1 and mode == "stream":
             results.tpot_s.append((last - first) / (tokens - 1))
         results.output_tokens += tokens
 
 
-async def run_load(client: KVBufferClient, clients: int, args: argparse.Namespace) -> tuple[Results, float]:
+async def run_load(client: KVBufferClient, mode: str, clients: int, args: argparse.Namespace
+                   ) -> tuple[Results, float]:
     results = Results()
     start = time.perf_counter()
     deadline = start + args.duration
-    await asyncio.gather(*(client_loop(client, deadline, args, random.Random(i), results) for i in range(clients)))
+    await asyncio.gather(*(client_loop(client, mode, deadline, args, random.Random(i), results)
+                           for i in range(clients)))
     return results, time.perf_counter() - start
 
 
@@ -248,9 +250,11 @@ async def run(server: Server, args: argparse.Namespace) -> bool:
         await client.model_info(timeout=30)  # connected and serving before the clock starts
         print(HEADER)
         print("|" + " --- |" * HEADER.count(" | ") + " --- |")
-        for clients in args.clients:
-            results, elapsed = await run_load(client, clients, args)
-            print(report_row(args.mode, clients, results, elapsed), flush=True)
+        rows = [("stream", clients) for clients in args.clients]
+        rows += [("unary", args.unary_clients)] if args.unary_clients else []
+        for mode, clients in rows:
+            results, elapsed = await run_load(client, mode, clients, args)
+            print(report_row(mode, clients, results, elapsed), flush=True)
             ok &= not set(results.errors) - ALLOWED_ERRORS
         if args.cancel_storm:
             ok &= not await cancel_storm(client, server, args.cancel_storm, args)
@@ -263,8 +267,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", help="host:port of a running server (default: start one)")
     parser.add_argument("--token", help="bearer token, if the server requires one")
-    parser.add_argument("--clients", type=int, nargs="+", default=[8], help="concurrent clients, one run each")
-    parser.add_argument("--mode", choices=("stream", "unary"), default="stream", help="Generate or GenerateUnary")
+    parser.add_argument("--clients", type=int, nargs="*", default=[8], help="concurrent streaming clients (Generate), "
+                                                                          "one row each")
+    parser.add_argument("--unary-clients", type=int, default=0, metavar="N", help="then a row of N concurrent "
+                                                                                 "GenerateUnary clients")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds during which requests are started")
     parser.add_argument("--prompt-chars", type=int, default=32, help="prompt length (tiny model: 1 token a char)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per request")

@@ -1,9 +1,7 @@
 """SGLang's real ServerArgs on a CPU test machine (sglang installed with --no-deps, see .ci/run).
 
-Two things stop `import sglang` there, neither of them SGLang's code under test:
-- PyPI's torchvision is a CUDA build: beside the CPU torch its operator library does not load, and its
-  `_meta_registrations` then fails on the missing `torchvision::nms` / `qnms` schemas. Declaring the two schemas
-  (what the library would have registered) lets torchvision import; no torchvision operator is ever run here.
+Two things stop `import sglang` there, neither of them SGLang's code under test: PyPI's torchvision, a CUDA build
+(tests/conftest.py makes it importable), and:
 - sglang registers a `qwen3_asr` config that transformers newer than sglang's pin (5.12.1) already has; the
   registration is made tolerant (`exist_ok=True`) for the duration of the import.
 
@@ -22,23 +20,6 @@ from collections.abc import Iterator
 import pytest
 
 H200_MEMORY_MIB = 141 * 1024
-_TORCHVISION_SCHEMAS = ("nms", "qnms")
-
-
-def _import_torchvision() -> None:
-    """torchvision as is where it imports; else with the two schemas declared, then imported afresh."""
-    try:
-        import torchvision
-    except RuntimeError:
-        import sys
-
-        import torch
-
-        for module in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[module]
-        for name in _TORCHVISION_SCHEMAS:
-            torch.library.define(f"torchvision::{name}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        import torchvision  # noqa: F401
 
 
 @functools.cache
@@ -47,7 +28,6 @@ def sglang_import_error() -> str | None:
     try:
         import transformers
 
-        _import_torchvision()
         register = transformers.AutoConfig.register
         transformers.AutoConfig.register = functools.partial(register, exist_ok=True)
         try:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kvbuffer.service.engine import build_engine
+from kvbuffer.service.engine import Engine, build_engine
 from kvbuffer.service.server.app import Server
 from kvbuffer.service.server.client import KVBufferClient
 from kvbuffer.service.server.settings import ServiceSettings, load_settings
@@ -28,14 +28,16 @@ class RunningServer:
     """Starts on construction; `stop()` drains it. Settings default to loopback, ephemeral ports, CPU."""
 
     def __init__(self, span_processors: Sequence[SpanProcessor] = (), metric_readers: Sequence[MetricReader] = (),
-                 **settings: Any) -> None:
+                 make_engine: Callable[[ServiceSettings], Engine] | None = None, **settings: Any) -> None:
+        """make_engine makes the engine from the settings (default: the native engine)."""
         self.settings: ServiceSettings = load_settings({"host": "127.0.0.1", "port": 0, "metrics_port": 0,
                                                         "device": "cpu", "shutdown_grace_period_s": 10.0,
                                                         **settings})
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kvbuffer-test-server", daemon=True)
         self._thread.start()
-        self.server = Server(self.settings, build_engine(self.settings.engine_config()),
+        engine = make_engine(self.settings) if make_engine else build_engine(self.settings.engine_config())
+        self.server = Server(self.settings, engine,
                              span_processors=span_processors, metric_readers=metric_readers)
         self.run(self.server.start(), timeout=START_TIMEOUT_S)
 

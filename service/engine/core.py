@@ -95,7 +95,7 @@ class EngineCore:
 
     # requests in and out
     def validate(self, request: GenerateRequest) -> list[int]:
-        return validate_request(request, self.tokenizer, self.config)
+        return validate_request(request, self.tokenizer, self.config.max_context_length)
 
     def add(self, request: GenerateRequest, prompt_ids: list[int]) -> Sequence:
         """Queues a validated request (the caller enforces max_waiting_requests)."""

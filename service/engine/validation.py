@@ -1,6 +1,7 @@
 """Checks a GenerateRequest before anything is allocated; every error names the offending field (`prompt`,
 `prompt_token_ids[3]`, `sampling.top_p`). These are the only range checks of a request: the gRPC service checks
-just what its protocol implies (presence, list sizes) and renames these fields to its own."""
+just what its protocol implies (presence, list sizes) and renames these fields to its own. Both engines (native and
+the SGLang adapter) check requests here, so a bad request gets the same error from either."""
 
 from __future__ import annotations
 
@@ -9,10 +10,9 @@ from collections.abc import Sequence
 
 from ..model import Tokenizer
 from .api import GenerateRequest, InvalidRequestError
-from .config import EngineConfig
 
 
-def validate_request(req: GenerateRequest, tokenizer: Tokenizer, config: EngineConfig) -> list[int]:
+def validate_request(req: GenerateRequest, tokenizer: Tokenizer, max_context_length: int) -> list[int]:
     """Returns the prompt's token ids, or raises InvalidRequestError(field, message)."""
     if not req.request_id:
         raise InvalidRequestError("request_id", "must not be empty")
@@ -23,10 +23,10 @@ def validate_request(req: GenerateRequest, tokenizer: Tokenizer, config: EngineC
     if not ids:
         raise InvalidRequestError(field, "must not be empty")
     _check_token_ids(ids, field, tokenizer, indexed=req.prompt is None)
-    if len(ids) >= config.max_context_length:
+    if len(ids) >= max_context_length:
         raise InvalidRequestError(field, f"{len(ids)} tokens leave no room to generate within "
-                                         f"max_context_length {config.max_context_length}")
-    _validate_sampling(req, tokenizer, config)
+                                         f"max_context_length {max_context_length}")
+    _validate_sampling(req, tokenizer, max_context_length)
     return ids
 
 
@@ -38,10 +38,10 @@ def _check_token_ids(ids: Sequence[int], field: str, tokenizer: Tokenizer, *, in
                                       f"token id {t} is outside the vocabulary [0, {tokenizer.vocab_size})")
 
 
-def _validate_sampling(req: GenerateRequest, tokenizer: Tokenizer, config: EngineConfig) -> None:
+def _validate_sampling(req: GenerateRequest, tokenizer: Tokenizer, max_context_length: int) -> None:
     s = req.sampling
-    if not 1 <= s.max_new_tokens <= config.max_context_length:
-        raise InvalidRequestError("sampling.max_new_tokens", f"must be in [1, {config.max_context_length}], "
+    if not 1 <= s.max_new_tokens <= max_context_length:
+        raise InvalidRequestError("sampling.max_new_tokens", f"must be in [1, {max_context_length}], "
                                                              f"got {s.max_new_tokens}")
     if not math.isfinite(s.temperature) or s.temperature < 0:
         raise InvalidRequestError("sampling.temperature", f"must be finite and >= 0, got {s.temperature}")

@@ -16,10 +16,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from kvbuffer.service.engine import build_engine
-from kvbuffer.service.engine.api import Engine
+from kvbuffer.service.engine.api import Engine, EngineFailedError
 from kvbuffer.service.server.admission import Admission
 from kvbuffer.service.server.servicer import KVBufferServicer
-from kvbuffer.service.server.settings import ServiceSettings
+from kvbuffer.service.server.settings import ServiceSettings, SettingsError
 from kvbuffer.service.server.telemetry import Telemetry
 from kvbuffer.v1 import SERVICE_NAME
 from kvbuffer.v1 import kvbuffer_pb2_grpc as pb_grpc
@@ -204,19 +204,31 @@ class Server:
         await self._closed.wait()
 
 
+def make_engine(settings: ServiceSettings) -> Engine:
+    """The engine the settings ask for; engine sglang checks its settings against SGLang's ServerArgs here."""
+    if settings.engine == "sglang":
+        from kvbuffer.service.sglang.engine import build_sglang_engine
+
+        return build_sglang_engine(settings)
+    return build_engine(settings.engine_config())
+
+
 async def serve(settings: ServiceSettings) -> None:
     """Runs a server until SIGTERM or SIGINT has drained it."""
     import torch  # for its OutOfMemoryError (the native engine imports torch anyway)
 
     try:
-        server = Server(settings, build_engine(settings.engine_config()))
+        server = Server(settings, make_engine(settings))
         await server.start()
+    except SettingsError as exc:  # engine sglang: a setting SGLang refuses (it checks the whole combination)
+        raise StartupError(str(exc)) from None
     except torch.OutOfMemoryError as exc:  # the model's weights plus the pools do not fit on the device
         reason = next(iter(str(exc).splitlines()), "out of memory")
         raise StartupError(f"memory_budget_bytes: the model {settings.model!r} and pools of memory_budget_bytes="
                            f"{settings.memory_budget_bytes} do not fit on the device; lower memory_budget_bytes "
                            f"({reason})") from None
-    except (OSError, ValueError) as exc:  # e.g. a model directory that is missing or not a supported model
+    except (OSError, ValueError, EngineFailedError) as exc:  # e.g. a model directory that is missing or not a
+        # supported model, or SGLang failing to start
         raise StartupError(f"engine start-up failed (model={settings.model!r}, device={settings.device}): "
                            f"{exc}") from None
     loop = asyncio.get_running_loop()

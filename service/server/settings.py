@@ -4,19 +4,37 @@ file and CLI flags.
 Precedence, lowest to highest: defaults, environment (`KVBUFFER_BUFFER_SIZE`, nested groups with `__`:
 `KVBUFFER_TLS__CERT_FILE`), the config file (`--config`), CLI flags. The engine settings carry exactly
 the names of `EngineConfig` (DESIGN.md, "Settings"): the service, the custom resource and the Helm chart
-share one vocabulary, and `engine_config()` hands them to the engine unchanged.
+share one vocabulary, and `engine_config()` hands them to the native engine unchanged.
+
+`engine: sglang` serves through SGLang instead (kvbuffer.service.sglang): the shared settings map onto SGLang's
+(`model`, `max_running_requests`, `speculative_algorithm`, ...; the mapping is in kvbuffer.service.sglang.settings)
+and the `sglang` group passes SGLang's own settings (tensor and expert parallel, quantization, memory fraction,
+...) by SGLang's names. SGLang's ServerArgs checks the whole combination at start-up (it needs the model's
+config and the GPUs); what can be checked without them is checked here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from kvbuffer.service.engine.config import EngineConfig
-from pydantic import BaseModel, ConfigDict, Field, FilePath, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    FilePath,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     SettingsConfigDict,
@@ -72,6 +90,55 @@ def _engine_default(name: str) -> Any:
     return _DEFAULTS[name]
 
 
+def _json_object(value: Any) -> Any:
+    """A JSON object given as text (a CLI flag) becomes a dict; anything else is left to the type check."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a JSON object: {exc}") from None
+    return value
+
+
+class SGLangSettings(BaseModel):
+    """SGLang's own settings, by SGLang's names (`sglang serve --help`), for `engine: sglang`. Unset (None)
+    leaves SGLang's default, which SGLang derives from the GPU and the model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tp_size: int = Field(1, ge=1, description="tensor parallel size: GPUs the model of one replica is split over")
+    ep_size: int = Field(1, ge=1, description="expert parallel size: the MoE experts are split over this many "
+                                              "of the tp_size GPUs (divides tp_size)")
+    quantization: str | None = Field(None, description="weight quantization method, e.g. fp8 (FP8 checkpoints "
+                                                       "load as they are; bf16 weights are quantized at load)")
+    mem_fraction_static: float | None = Field(None, gt=0, lt=1, description="fraction of GPU memory for the "
+                                              "weights and the KV-cache and state pools")
+    chunked_prefill_size: int | None = Field(None, ge=-1, description="most prompt tokens prefilled in one step; "
+                                             "-1 turns chunked prefill off")
+    cuda_graph_bs: list[int] | None = Field(None, description="decode batch sizes captured as CUDA graphs "
+                                            "(repeatable; unset: SGLang's list up to cuda_graph_max_batch)")
+    speculative_num_steps: int | None = Field(None, ge=1, description="draft steps per verify for nextn/eagle "
+                                              "speculation")
+    speculative_eagle_topk: int | None = Field(None, ge=1, description="drafts branched per step for "
+                                               "nextn/eagle (1: a chain)")
+    speculative_draft_model_path: str | None = Field(None, description="draft model directory for eagle/eagle3 "
+                                                     "(nextn uses the model's own MTP layers)")
+    enable_deterministic_inference: bool = Field(False, description="deterministic kernels; needed for "
+                                                 "per-request sampling seeds (sampling.seed), which SGLang "
+                                                 "ignores otherwise")
+    extra_server_args: Annotated[dict[str, str], BeforeValidator(_json_object)] = Field(
+        default_factory=dict, description="further SGLang server arguments as a JSON object of strings, by "
+        "ServerArgs name, written as on SGLang's command line, e.g. {\"attention_backend\": \"triton\"}")
+
+    @field_validator("ep_size")
+    @classmethod
+    def _divides_tp_size(cls, ep_size: int, info: ValidationInfo) -> int:
+        tp_size = info.data.get("tp_size", 1)
+        if tp_size % ep_size:
+            raise ValueError(f"must divide sglang.tp_size ({tp_size}), got {ep_size}")
+        return ep_size
+
+
 class ServiceSettings(BaseSettings):
     """Everything `kvbuffer serve` can be told; `kvbuffer serve --help` lists it."""
 
@@ -89,7 +156,9 @@ class ServiceSettings(BaseSettings):
                                         "in-flight requests end) once this old, so that clients re-resolve the "
                                         "service name and spread over replicas added since; 0: never")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
-    engine: Literal["native"] = Field("native", description="engine implementation")
+    engine: Literal["native", "sglang"] = Field("native", description="native: the embedded engine (CPU or "
+                                                "one GPU, no download); sglang: SGLang in this process, for "
+                                                "real checkpoints on one or more GPUs (settings group sglang)")
 
     # Engine: exactly EngineConfig's names and defaults.
     model: str = Field(_engine_default("model"), description="Hugging Face model directory, or "
@@ -106,8 +175,9 @@ class ServiceSettings(BaseSettings):
     chunk_size: int = Field(_engine_default("chunk_size"), ge=1, description="once a request has a state, "
                             "its buffer is folded in every chunk_size tokens; chunk_size + "
                             "speculative_num_draft_tokens <= buffer_size")
-    speculative_algorithm: Literal["none", "ngram"] = Field(_engine_default("speculative_algorithm"),
-                                                            description="speculative decoding algorithm")
+    speculative_algorithm: Literal["none", "ngram", "nextn", "eagle", "eagle3"] = Field(
+        _engine_default("speculative_algorithm"), description="speculative decoding algorithm; nextn (the "
+        "model's MTP layers), eagle and eagle3 need engine sglang")
     speculative_num_draft_tokens: int = Field(_engine_default("speculative_num_draft_tokens"), ge=0, le=16,
                                               description="draft tokens proposed per step when "
                                                           "speculation is on")
@@ -128,6 +198,9 @@ class ServiceSettings(BaseSettings):
                                       "hundreds); 0 turns this off")
     seed: int = Field(_engine_default("seed"), description="seed of the engine's random generators")
 
+    # SGLang (engine: sglang).
+    sglang: SGLangSettings = Field(default_factory=SGLangSettings, description="SGLang")
+
     # Security.
     tls: TLSSettings = Field(default_factory=TLSSettings, description="TLS")
     auth: AuthSettings = Field(default_factory=AuthSettings, description="bearer-token auth")
@@ -135,6 +208,16 @@ class ServiceSettings(BaseSettings):
     @model_validator(mode="after")
     def _engine_accepts(self) -> ServiceSettings:
         """The engine's own checks (e.g. chunk_size + drafts <= buffer_size) fail start-up, not the first request."""
+        if self.engine == "sglang":
+            from kvbuffer.service.sglang.settings import check_settings  # no SGLang import: checks it can do alone
+
+            check_settings(self)
+            return self
+        if self.sglang != SGLangSettings():
+            raise ValueError("sglang: SGLang's settings need engine sglang")
+        if self.speculative_algorithm not in ("none", "ngram"):
+            raise ValueError(f"speculative_algorithm: {self.speculative_algorithm} needs engine sglang (the native "
+                             "engine drafts with none or ngram)")
         self.engine_config()
         return self
 

@@ -1,0 +1,198 @@
+"""A stand-in for `sglang.Engine`, for the adapter's tests on a CPU: SGLang's engine cannot run without a GPU (its
+schedulers load the model onto CUDA), so this plays its part at the surface the adapter uses (SGLangRuntime in
+kvbuffer.service.sglang.engine), with SGLang 0.5.17's observable behaviour there:
+
+- `async_generate(..., stream=True)` returns an async iterator of outputs `{"text", "output_ids", "meta_info"}`;
+  with incremental_streaming_output each carries the delta since the last, and several decode steps can arrive
+  coalesced in one output (SGLang coalesces what queued up); meta_info has `prompt_tokens`, `completion_tokens`
+  (cumulative), `finish_reason` (None, or {"type": "stop", "matched": id | str} / {"type": "length"} /
+  {"type": "abort", "message", "status_code"?}), `output_token_logprobs` ([(logprob, id, None)], sliced to the
+  delta) when asked, and the speculative counts at the end when speculation is on;
+- stop strings end the text before them; a matched stop token is in output_ids, its text is not;
+- `tokenizer_manager.abort_request(rid)` ends the request with an "abort" output whose text is the whole text
+  so far and whose output_ids is only the last id (as SGLang's `_handle_abort_req` streams it);
+- a full waiting queue (max_queued_requests) is an "abort" output with status_code 503 before any token.
+
+Its "model" is a fixed function of the context (`next_token`), so tests know every token it will produce.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+EOS = 2
+SPECIAL = ["<pad>", "<unk>", "<|endoftext|>"]
+TRAINING_TEXT = [
+    "KVBuffer keeps a checkpoint of each request's state and a buffer of its recent keys and values.",
+    "Decode reads the state and never writes it; the buffer is folded in once every chunk.",
+    "Gated DeltaNet layers carry a large recurrent state; attention layers keep a cache of keys and values.",
+    "Speculative drafts are verified in parallel without copies of the state.",
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs!",
+]
+
+
+def make_tokenizer(directory: Path) -> Any:
+    """A byte-level BPE tokenizer trained with `tokenizers` on a few sentences (no hub), saved in directory and
+    loaded back as transformers' fast tokenizer, the kind SGLang loads from a model directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(TRAINING_TEXT, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", unk_token="<unk>",
+                                   pad_token="<pad>")
+    fast.save_pretrained(directory)
+    return PreTrainedTokenizerFast.from_pretrained(directory)
+
+
+def next_token(context: Sequence[int], vocab: int) -> int:
+    """The stand-in model: a fixed function of the last tokens, never a special token."""
+    h = (sum((i + 1) * t for i, t in enumerate(context[-4:])) * 2654435761 + len(context)) % (vocab - len(SPECIAL))
+    return len(SPECIAL) + h
+
+
+def logprob_of(context: Sequence[int], token: int) -> float:
+    return -((token * 7 + len(context)) % 50) / 10.0
+
+
+class StandInSGLang:
+    """One `sglang.Engine` in place; see the module docstring. `step_s`: time per decode step; `coalesce`:
+    decode steps per streamed output; `fail_after`: outputs after which a stream raises (a broken SGLang)."""
+
+    def __init__(self, tokenizer: Any, *, context_len: int = 1024, max_running_requests: int = 4,
+                 max_queued_requests: int | None = None, step_s: float = 0.002, coalesce: int = 1,
+                 speculative_draft_tokens: int = 0, fail_after: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer) + 24  # the model's embedding has more rows than the tokenizer, as Qwen's
+        self.step_s, self.coalesce, self.fail_after = step_s, coalesce, fail_after
+        self.spec = speculative_draft_tokens
+        self.server_args = SimpleNamespace(
+            max_running_requests=max_running_requests, max_queued_requests=max_queued_requests,
+            chunked_prefill_size=2048, disable_cuda_graph=False,
+            cuda_graph_config=SimpleNamespace(decode=SimpleNamespace(bs=[1, 2, 4, 8], max_bs=8)), tp_size=1,
+            ep_size=1, quantization=None, mem_fraction_static=0.8, attention_backend="triton")
+        hf_config = SimpleNamespace(architectures=["Qwen3NextForCausalLM"], linear_layer_ids=[0, 1, 2, 4, 5, 6])
+        model_config = SimpleNamespace(context_len=context_len, vocab_size=self.vocab_size, num_hidden_layers=8,
+                                       hf_config=hf_config, dtype="torch.bfloat16")
+        self.tokenizer_manager = SimpleNamespace(tokenizer=tokenizer, model_config=model_config,
+                                                 context_len=context_len, num_reserved_tokens=0,
+                                                 abort_request=self._abort, auto_create_handle_loop=self._handle_loop)
+        self.received: dict[str, dict[str, Any]] = {}  # rid -> the arguments of async_generate
+        self.outputs: dict[str, list[int]] = {}  # rid -> every id it produced
+        self.texts: dict[str, str] = {}  # rid -> its whole text
+        self.active: set[str] = set()  # requests holding memory (queued or running)
+        self.aborted: list[str] = []
+        self.shut_down = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._running = 0
+        self._slots: asyncio.Condition | None = None
+        self._abort_requested: set[str] = set()
+
+    def _handle_loop(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._slots = asyncio.Condition()
+
+    def _abort(self, rid: str = "", abort_all: bool = False) -> None:
+        self._abort_requested.add(rid)
+        self.aborted.append(rid)
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+
+    async def async_generate(self, *, input_ids: list[int], sampling_params: dict[str, Any], rid: str,
+                             stream: bool, return_logprob: bool) -> AsyncIterator[dict[str, Any]]:
+        assert stream and asyncio.get_running_loop() is self.loop, "streams on the loop of the handle loop"
+        self.received[rid] = {"input_ids": list(input_ids), "sampling_params": dict(sampling_params),
+                              "return_logprob": return_logprob}
+        return self._stream(rid, list(input_ids), sampling_params, return_logprob)
+
+    async def _stream(self, rid: str, prompt: list[int], params: dict[str, Any], logprobs: bool
+                      ) -> AsyncIterator[dict[str, Any]]:
+        assert self._slots is not None
+        queued = self.active - {r for r in self.active if r in self.outputs}
+        limit = self.server_args.max_queued_requests
+        if limit is not None and self._running >= self.server_args.max_running_requests and len(queued) >= limit:
+            yield self._out("", [], len(prompt), 0, {"type": "abort", "message": "The request queue is full.",
+                                                      "status_code": 503})
+            return
+        self.active.add(rid)
+        try:
+            async with self._slots:
+                await self._slots.wait_for(lambda: self._running < self.server_args.max_running_requests
+                                           or rid in self._abort_requested)
+                self._running += 1
+            try:
+                async for out in self._decode(rid, prompt, params, logprobs):
+                    yield out
+            finally:
+                async with self._slots:
+                    self._running -= 1
+                    self._slots.notify_all()
+        finally:  # finished, aborted, or the caller closed the stream: its memory is free
+            self.active.discard(rid)
+
+    async def _decode(self, rid: str, prompt: list[int], params: dict[str, Any], logprobs: bool
+                      ) -> AsyncIterator[dict[str, Any]]:
+        ids: list[int] = []
+        self.outputs[rid], self.texts[rid] = ids, ""
+        stops = set(params.get("stop_token_ids") or ()) | (set() if params.get("ignore_eos") else {EOS})
+        stop_strings = params.get("stop") or []
+        sent_ids, sent_text, outputs = 0, "", 0
+        while True:
+            finish = None
+            for _ in range(self.coalesce):
+                await asyncio.sleep(self.step_s)
+                if rid in self._abort_requested:
+                    yield self._out(self.texts[rid], ids[-1:], len(prompt), len(ids),
+                                    {"type": "abort", "message": "Abort in waiting queue"})
+                    return
+                token = next_token(prompt + ids, self.vocab_size)
+                if len(ids) == 3 and not params.get("ignore_eos") and prompt[0] % 5 == 0:
+                    token = EOS  # some prompts end early on end-of-sequence
+                ids.append(token)
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                hit = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
+                if hit >= 0:
+                    text, finish = text[:hit], {"type": "stop", "matched": text[hit:hit + 1]}
+                elif token in stops:
+                    finish = {"type": "stop", "matched": token}
+                elif len(ids) >= params["max_new_tokens"]:
+                    finish = {"type": "length", "length": len(ids)}
+                self.texts[rid] = text
+                if finish:
+                    break
+            outputs += 1
+            if self.fail_after is not None and outputs > self.fail_after:
+                raise RuntimeError("the scheduler's socket is closed")
+            visible = self.texts[rid]
+            if not finish:  # held back: an incomplete character, a tail that may begin a stop string
+                visible = visible.rstrip("\ufffd")
+                visible = visible[:len(visible) - max((len(s) - 1 for s in stop_strings), default=0)]
+            delta_ids, delta_text = ids[sent_ids:], visible[len(sent_text):]
+            out = self._out(delta_text, delta_ids, len(prompt), len(ids), finish)
+            if logprobs:
+                out["meta_info"]["output_token_logprobs"] = [
+                    (logprob_of(prompt + ids[:i], ids[i]), ids[i], None) for i in range(sent_ids, len(ids))]
+            if finish and self.spec:
+                steps = math.ceil(len(ids) / 2)
+                out["meta_info"].update(spec_num_proposed_drafts=steps * self.spec,
+                                        spec_num_correct_drafts=len(ids) - steps)
+            sent_ids, sent_text = len(ids), sent_text + delta_text
+            yield out
+            if finish:
+                return
+
+    @staticmethod
+    def _out(text: str, ids: list[int], prompt_tokens: int, completion_tokens: int,
+             finish: dict[str, Any] | None) -> dict[str, Any]:
+        return {"text": text, "output_ids": ids, "meta_info": {
+            "id": "", "finish_reason": finish, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}}

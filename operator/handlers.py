@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -20,7 +21,6 @@ from kvbuffer.operator.spec import SpecError
 from kvbuffer.operator.status import rollout_conditions, set_condition
 
 registry = kopf.OperatorRegistry()
-RETRY_SECONDS = 10
 _CR = (r.GROUP, r.VERSION, r.PLURAL)
 _OWNED = {"app.kubernetes.io/managed-by": r.MANAGER}
 
@@ -53,9 +53,11 @@ def apply_spec(name: str, namespace: str, uid: str, meta: kopf.Meta, spec: kopf.
         kopf.warn(body, reason="InvalidSpec", message=message)
         return  # nothing to retry: the next edit is handled as it comes
     except ApiException as exc:
-        message = f"applying the spec failed: {exc.status} {exc.reason}; retrying in {RETRY_SECONDS}s"
-        record_failure(cluster, name, namespace, generation, "ApplyFailed", message)
-        raise kopf.TemporaryError(message, delay=RETRY_SECONDS) from None
+        message = f"applying the spec failed: {exc.status} {exc.reason}; retrying in {memo.retry_seconds:g}s"
+        logger.warning(message)
+        with contextlib.suppress(ApiException):  # the API may still be failing: the retry reports again
+            record_failure(cluster, name, namespace, generation, "ApplyFailed", message)
+        raise kopf.TemporaryError(message, delay=memo.retry_seconds) from None
     for change in changes:
         message = f"{change.outcome} {change.kind} {change.name}"
         if change.kind == "Deployment" and change.outcome == "updated":

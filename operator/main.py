@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 
 import kopf
 from kvbuffer.operator import handlers, metrics, peering
@@ -27,9 +28,9 @@ def kopf_settings(options: OperatorSettings, clusterwide: bool) -> kopf.Operator
     return settings
 
 
-async def run(options: OperatorSettings, stop: asyncio.Event | None = None,
-              ready: asyncio.Event | None = None) -> None:
-    """Serve until `stop` is set (or the process is signalled)."""
+async def run(options: OperatorSettings, stop: asyncio.Event | threading.Event | None = None,
+              ready: asyncio.Event | threading.Event | None = None) -> None:
+    """Serve until `stop` is set (or the process is signalled); `ready` is set once it serves."""
     namespaces = options.namespaces()
     if not options.standalone:
         await asyncio.to_thread(peering.ensure, api_client(), namespaces, options.peering)
@@ -40,7 +41,7 @@ async def run(options: OperatorSettings, stop: asyncio.Event | None = None,
         namespaces=namespaces or (),
         standalone=options.standalone,
         liveness_endpoint=f"http://0.0.0.0:{options.health_port}/healthz",
-        memo=kopf.Memo(),
+        memo=kopf.Memo(retry_seconds=options.retry_seconds),
         stop_flag=stop,
         ready_flag=ready,
     )

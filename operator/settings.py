@@ -29,6 +29,8 @@ class OperatorSettings(BaseSettings):
     health_port: int = Field(8080, ge=1, le=65535, description="HTTP port of /healthz for the liveness probe")
     metrics_port: int = Field(metrics.METRICS_PORT, ge=1, le=65535, description="HTTP port of the operator's "
                               "Prometheus /metrics")
+    retry_seconds: float = Field(10.0, gt=0, le=600, description="seconds before a spec whose apply failed (API "
+                                 "error) is applied again")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
 
     @model_validator(mode="after")

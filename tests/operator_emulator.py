@@ -9,31 +9,33 @@ What the emulator does NOT do, and where it is covered instead:
 - merge semantics: every PATCH is applied as a JSON merge patch (dicts merged, lists replaced), never strategic
   merge; the operator sends merge patches only, and test_operator_render.py checks `contains()` against objects
   as the server returns them (defaulted fields, quantities as strings).
-- resource versions: none are assigned and none conflict; test_operator_cluster.py injects a 409 to cover the
-  retry. Generations: Emulator below assigns them as the API server does.
+- resource versions and generations: Emulator below assigns them as the API server does and refuses a merge
+  patch with a stale resourceVersion (409) or a JSON patch whose `test` of it fails (422), as the server does.
 - controllers: no Deployment controller (tests write the Deployment status the controller would), no garbage
   collector (tests assert the owner references it would follow), no pods unless a test creates them.
-- uids, resource versions and timestamps: the test gives the KVBufferService its uid and a resourceVersion that
-  never changes (kopf tests it in its JSON patches).
+- uids and timestamps: the test gives the KVBufferService its uid; no creationTimestamp is set.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import jsonpatch
 import jsonschema
 import kmock
 import yaml
 from kvbuffer.operator import crd, main, peering
-from kvbuffer.operator.cluster import contains
 from kvbuffer.operator import resource as r
+from kvbuffer.operator.cluster import contains
 from kvbuffer.operator.settings import OperatorSettings
 
 NAMESPACE = "default"
@@ -42,22 +44,56 @@ WAIT_S = 30.0  # upper bound of any wait: a deadline for failure, not a timing a
 
 
 class Emulator(kmock.KubernetesEmulator):
-    """kmock's emulator plus what the API server does to metadata and the operator relies on: `generateName`
-    (kopf names its Events that way) and `generation` (1 at creation, +1 on each patch that changes the spec)."""
+    """kmock's emulator plus what the API server does to metadata that the operator and kopf rely on:
+    `generateName` (kopf's Events), `generation` (1 at creation, +1 on a patch that changes the spec) and
+    `resourceVersion` (a new one on every write; a merge patch that names an older one fails with 409 Conflict)."""
+
+    versions = itertools.count(1)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.failures: list[list[Any]] = []  # [method, path part, times left, status]
+
+    def fail(self, method: str, path_part: str, times: int, status: int = 500) -> None:
+        """Answer the next `times` requests of `method` whose path contains `path_part` with an error `status`."""
+        self.failures.append([method.upper(), path_part, times, status])
 
     async def _handle(self, request: kmock.Request) -> Any:
-        if isinstance(request.data, dict) and request.resource is not None:
-            metadata = request.data.setdefault("metadata", {})
-            if request.action == kmock.action.CREATE:
-                if not metadata.get("name") and metadata.get("generateName"):
-                    metadata["name"] = metadata["generateName"] + uuid.uuid4().hex[:8]
-                metadata.setdefault("generation", 1)
-            elif request.action == kmock.action.UPDATE and "spec" in request.data and not request.subresource:
-                key = (request.resource, request.namespace, request.name)
-                current = self.objects[key].raw if key in self.objects and not self.objects[key].deleted else {}
-                if current and not contains(current.get("spec"), request.data["spec"]):
-                    metadata["generation"] = current["metadata"].get("generation", 1) + 1
+        for failure in self.failures:
+            method, part, left, status = failure
+            if left > 0 and request.method.value == method and part in request.url.path:
+                failure[2] -= 1
+                raise kmock.KubernetesError(status, "InternalError", f"injected failure of {method} {part}")
+        if request.resource is not None and request.action in (kmock.action.CREATE, kmock.action.UPDATE):
+            self._stamp(request)
         return await super()._handle(request)
+
+    async def _render_error(self, exc: Exception) -> Any:
+        if isinstance(exc, jsonpatch.JsonPatchTestFailed):  # the API server answers a failed `test` with 422
+            exc = kmock.KubernetesError(422, "Invalid", str(exc))
+        return await super()._render_error(exc)
+
+    def _stamp(self, request: kmock.Request) -> None:
+        key = (request.resource, request.namespace, request.name)
+        current = self.objects[key].raw if key in self.objects and not self.objects[key].deleted else None
+        if isinstance(request.data, list):  # a JSON patch (kopf's finalizers): its own ops test the version
+            request.data.append({"op": "replace", "path": "/metadata/resourceVersion",
+                                 "value": str(next(self.versions))})
+            return
+        metadata = request.data.setdefault("metadata", {})
+        if request.action == kmock.action.CREATE:
+            if not metadata.get("name") and metadata.get("generateName"):
+                metadata["name"] = metadata["generateName"] + uuid.uuid4().hex[:8]
+            metadata["generation"] = 1
+        elif current is not None:
+            expected = metadata.get("resourceVersion")
+            if expected is not None and expected != current["metadata"].get("resourceVersion"):
+                raise kmock.KubernetesError(409, "Conflict", f"the object has been modified (now "
+                                            f"{current['metadata'].get('resourceVersion')}, not {expected})")
+            if "spec" in request.data and not request.subresource and not contains(current.get("spec"),
+                                                                                  request.data["spec"]):
+                metadata["generation"] = current["metadata"].get("generation", 1) + 1
+        metadata["resourceVersion"] = str(next(self.versions))
 
 
 def free_port() -> int:
@@ -73,7 +109,8 @@ def declare_resources(emulator: kmock.KubernetesEmulator) -> None:
         spec = definition["spec"]
         version = spec["versions"][0]
         emulator.resources[f"{spec['group']}/{version['name']}/{spec['names']['plural']}"] = kmock.ResourceInfo(
-            kind=spec["names"]["kind"], singular=spec["names"].get("singular"), namespaced=spec["scope"] == "Namespaced",
+            kind=spec["names"]["kind"], singular=spec["names"].get("singular"),
+            namespaced=spec["scope"] == "Namespaced",
             verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
             subresources=set(version.get("subresources", {})))
 
@@ -85,6 +122,19 @@ def write_kubeconfig(path: Path, server: str) -> Path:
         "users": [{"name": "test", "user": {"token": "test-token"}}],
         "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test", "namespace": NAMESPACE}}]}))
     return path
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386, as the API server (and kmock) apply a merge patch: dicts merge, None deletes, the rest replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    merged = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
 
 
 def admit(obj: dict[str, Any]) -> None:
@@ -139,15 +189,14 @@ class Cluster:
 
     async def create(self, name: str, spec: dict[str, Any], uid: str) -> None:
         body = {"apiVersion": r.API_VERSION, "kind": r.KIND, "spec": spec,
-                "metadata": {"name": name, "namespace": NAMESPACE, "uid": uid, "resourceVersion": "1"}}
+                "metadata": {"name": name, "namespace": NAMESPACE, "uid": uid}}
         admit(body)
         response = await self.emulator.post(f"/apis/{r.API_VERSION}/namespaces/{NAMESPACE}/{r.PLURAL}", json=body)
         assert response.status < 300, await response.text()
 
     async def edit(self, name: str, spec: dict[str, Any]) -> None:
         """A spec edit (merged into the spec, as `kubectl patch --type merge`), validated as the API server would."""
-        current = self.service(name)
-        admit({**current, "spec": {**current["spec"], **spec}})
+        admit(merge_patch(self.service(name), {"spec": spec}))
         await self.patch(f"/apis/{r.API_VERSION}/namespaces/{NAMESPACE}/{r.PLURAL}/{name}", {"spec": spec})
 
     async def patch(self, path: str, body: dict[str, Any]) -> None:
@@ -189,15 +238,29 @@ def condition(obj: dict[str, Any], type: str) -> dict[str, Any] | None:
 
 @contextlib.asynccontextmanager
 async def running_operator(standalone: bool = True, **settings: Any) -> AsyncIterator[None]:
-    """`kvbuffer operator` (kvbuffer.operator.main.run) in this event loop until the block ends."""
+    """`kvbuffer operator` (kvbuffer.operator.main.run) in a thread of its own until the block ends: its own event
+    loop, as in its own process, so that it sees the emulator only through HTTP."""
     options = OperatorSettings(namespace=[NAMESPACE], standalone=standalone, health_port=free_port(), **settings)
-    stop, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(main.run(options, stop=stop, ready=ready))
-    await asyncio.wait([task, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        task.result()  # start-up failed: raise its error here
+    stop, ready = threading.Event(), threading.Event()
+    failure: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            asyncio.run(main.run(options, stop=stop, ready=ready))
+        except BaseException as exc:  # reported to the test below
+            failure.append(exc)
+            ready.set()
+
+    thread = threading.Thread(target=serve, name="operator", daemon=True)
+    thread.start()
+    await asyncio.to_thread(ready.wait, WAIT_S)
+    if failure:
+        raise failure[0]
     try:
         yield
     finally:
         stop.set()
-        await asyncio.wait_for(task, WAIT_S)
+        await asyncio.to_thread(thread.join, WAIT_S)
+        assert not thread.is_alive(), "the operator did not stop"
+        if failure:
+            raise failure[0]

@@ -40,12 +40,12 @@ def connect(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.resume(*_CR, registry=registry)
 @kopf.on.create(*_CR, registry=registry)
 @kopf.on.update(*_CR, registry=registry)
-def apply_spec(name: str, namespace: str, uid: str, meta: kopf.Meta, spec: kopf.Spec, body: kopf.Body,
-               memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+def apply_spec(name: str, namespace: str, uid: str, meta: kopf.Meta, spec: kopf.Spec, status: kopf.Status,
+               body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     cluster: Cluster = memo.cluster
     generation = meta.get("generation")
     try:
-        changes = reconcile(cluster, name, namespace, uid, generation, dict(spec))
+        changes = reconcile(cluster, name, namespace, uid, generation, dict(spec), status.get("configHash"))
     except SpecError as exc:
         message = f"spec refused, the pods keep their settings: {exc}".replace("\n", "; ")
         logger.warning(message)
@@ -59,9 +59,7 @@ def apply_spec(name: str, namespace: str, uid: str, meta: kopf.Meta, spec: kopf.
             record_failure(cluster, name, namespace, generation, "ApplyFailed", message)
         raise kopf.TemporaryError(message, delay=memo.retry_seconds) from None
     for change in changes:
-        message = f"{change.outcome} {change.kind} {change.name}"
-        if change.kind == "Deployment" and change.outcome == "updated":
-            message += " (a settings change rolls its pods, none unavailable)"
+        message = change.describe()
         logger.info(message)
         kopf.info(body, reason=change.outcome.capitalize(), message=message)
     metrics.desired_replicas.labels(namespace, name).set(spec.get("replicas", 1))

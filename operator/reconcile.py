@@ -21,18 +21,27 @@ class Change:
     kind: str
     name: str
     outcome: Outcome
+    rolls: bool = False  # a Deployment whose pod template changed: its pods are replaced, none unavailable
+
+    def describe(self) -> str:
+        return f"{self.outcome} {self.kind} {self.name}" + (" (settings changed: rolling its pods, none "
+                                                             "unavailable)" if self.rolls else "")
 
 
 def reconcile(cluster: Cluster, name: str, namespace: str, uid: str, generation: int | None,
-              raw_spec: dict[str, Any]) -> list[Change]:
-    """Apply the spec; raises SpecError (before touching anything) when the spec is invalid. Returns what changed."""
+              raw_spec: dict[str, Any], applied_hash: str | None) -> list[Change]:
+    """Apply the spec; raises SpecError (before touching anything) when the spec is invalid. Returns what changed.
+
+    applied_hash: status.configHash, the settings the pods were last given.
+    """
     spec = parse_spec(raw_spec)
+    digest = config_hash(spec)
     changes = []
     for obj in desired_objects(name, namespace, uid, spec):
         outcome = cluster.apply(obj)
         if outcome != "unchanged":
-            changes.append(Change(obj["kind"], obj["metadata"]["name"], outcome))
-    digest = config_hash(spec)
+            rolls = obj["kind"] == "Deployment" and outcome == "updated" and digest != applied_hash
+            changes.append(Change(obj["kind"], obj["metadata"]["name"], outcome, rolls))
     cluster.patch_status(name, namespace, lambda status: {
         "observedGeneration": generation, "selector": r.selector_string(name), "configHash": digest,
         "conditions": set_condition(status.get("conditions") or [], "Degraded", False, "Applied",

@@ -237,6 +237,15 @@ def condition(obj: dict[str, Any], type: str) -> dict[str, Any] | None:
 
 
 @contextlib.asynccontextmanager
+async def emulated_api(directory: Path, environment: Any) -> AsyncIterator[Cluster]:
+    """The emulator on a loopback port, KUBECONFIG (set through `environment`, pytest's monkeypatch) naming it."""
+    async with Emulator() as emulator, kmock.Server(emulator) as server:
+        declare_resources(emulator)
+        environment.setenv("KUBECONFIG", str(write_kubeconfig(directory / "kubeconfig", str(server.url))))
+        yield Cluster(emulator)
+
+
+@contextlib.asynccontextmanager
 async def running_operator(standalone: bool = True, **settings: Any) -> AsyncIterator[None]:
     """`kvbuffer operator` (kvbuffer.operator.main.run) in a thread of its own until the block ends: its own event
     loop, as in its own process, so that it sees the emulator only through HTTP."""

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import kmock
 import pytest
 import pytest_asyncio
 import yaml
@@ -21,12 +20,10 @@ from kvbuffer.operator import resource as r
 
 from tests.operator_emulator import (
     Cluster,
-    Emulator,
     condition,
-    declare_resources,
+    emulated_api,
     running_operator,
     wait_for,
-    write_kubeconfig,
 )
 
 pytestmark = pytest.mark.asyncio
@@ -36,10 +33,8 @@ OWNED = [("v1/configmaps", "{}-config"), ("apps/v1/deployments", "{}"), ("v1/ser
 
 @pytest_asyncio.fixture
 async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
-    async with Emulator() as emulator, kmock.Server(emulator) as server:
-        declare_resources(emulator)
-        monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path / "kubeconfig", str(server.url))))
-        yield Cluster(emulator)
+    async with emulated_api(tmp_path, monkeypatch) as api:
+        yield api
 
 
 def fresh() -> tuple[str, str]:

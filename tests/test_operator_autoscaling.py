@@ -85,7 +85,7 @@ async def test_decisions_follow_the_load_and_survive_a_restart(api: Cluster, rep
         finally:
             outputs = [driver.communicate(timeout=120)[0] for driver in drivers]
         assert all(driver.returncode == 0 for driver in drivers), outputs
-        up = decisions(api, name)[-1]
+        up = (await wait_for(lambda: decisions(api, name), "the decision in status"))[-1]
         assert up["fromReplicas"] == 2 and up["toReplicas"] == api.service(name)["spec"]["replicas"] <= 4
         assert up["reason"] in ("ScaleUp", "PanicScaleUp")
         assert sum(up["inputs"]["decodeTokensPerS"].values()) > 0  # it saw the replicas decode

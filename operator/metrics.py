@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
@@ -30,5 +31,7 @@ def forget(namespace: str, name: str) -> None:
             metric.remove(*labels)
 
 
-def serve(port: int = METRICS_PORT) -> None:
-    start_http_server(port, registry=REGISTRY)
+def serve(port: int = METRICS_PORT) -> WSGIServer:
+    """GET /metrics on `port` from a background thread; returns the server (its shutdown() stops it)."""
+    server, _thread = start_http_server(port, registry=REGISTRY)
+    return server

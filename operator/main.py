@@ -10,8 +10,11 @@ import threading
 
 import kopf
 from kvbuffer.operator import handlers, metrics, peering
+from kvbuffer.operator import resource as r
 from kvbuffer.operator.cluster import api_client
 from kvbuffer.operator.settings import OperatorSettings
+
+FINALIZER = f"{r.GROUP}/operator"
 
 
 def kopf_settings(options: OperatorSettings, clusterwide: bool) -> kopf.OperatorSettings:
@@ -22,9 +25,11 @@ def kopf_settings(options: OperatorSettings, clusterwide: bool) -> kopf.Operator
     settings.peering.mandatory = not options.standalone
     settings.peering.standalone = options.standalone
     settings.scanning.disabled = True  # the CRD is installed by the chart: no need to watch CRDs or namespaces
-    prefix = "serving.kvbuffer.io"  # kopf's own bookkeeping annotations, under our domain
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=prefix)
+    # kopf's own bookkeeping (annotations, and the finalizer its daemons need to stop before an object goes),
+    # under the project's domain.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=r.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=r.GROUP)
+    settings.persistence.finalizer = FINALIZER
     return settings
 
 

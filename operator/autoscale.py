@@ -80,14 +80,13 @@ async def step(cluster: Cluster, scrapers: dict[tuple[str, str], FleetScraper], 
     observation = await asyncio.to_thread(scraper.observe, endpoints, replicas)
     status = body.status.get("autoscaling") or {}
     decision = decide(spec, observation, PolicyState.from_status(status.get("state")), time.time())
+    if spec.enabled:
+        logger.info("autoscaling %s: %s", decision.reason, decision.message)  # one line per decision
     if spec.enabled and decision.direction is not None:
-        logger.info("autoscaling %s: %s", decision.reason, decision.message)
         await asyncio.to_thread(cluster.scale, name, namespace, decision.replicas)
         kopf.info(body, reason=decision.reason, message=decision.message)
         metrics.scaling_events.labels(namespace, name, decision.direction).inc()
         metrics.desired_replicas.labels(namespace, name).set(decision.replicas)
-    elif spec.enabled:
-        logger.debug("autoscaling %s: %s", decision.reason, decision.message)
     generation = body.metadata.get("generation")
     await asyncio.to_thread(cluster.patch_status, name, namespace,
                             lambda old: record(old, decision, spec.enabled, generation))

@@ -11,12 +11,14 @@ from typing import Any
 
 import celpy
 import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 from kvbuffer.operator import crd, peering, rbac
 from kvbuffer.operator.spec import CR_SETTINGS, SpecError, parse_spec
 
 from tests.operator_emulator import crd_to_jsonschema
+from tests.test_operator_render import KUBERNETES_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "deploy" / "examples").glob("*.yaml"))
@@ -28,6 +30,33 @@ _CEL = celpy.Environment()
 def test_committed_file_is_current(module: Any) -> None:
     regenerate = f"stale: python -m {module.__name__} > {module.FILE}"
     assert (ROOT / module.FILE).read_text() == module.render(), regenerate
+
+
+def test_crds_are_valid_kubernetes_objects() -> None:
+    for definition in (crd.crd(), *peering.CRDS):
+        kubernetes_validate.validate(definition, KUBERNETES_VERSION, strict=True)
+
+
+def schema_nodes(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    yield path, node
+    for name, sub in node.get("properties", {}).items():
+        yield from schema_nodes(sub, f"{path}.{name}")
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            yield from schema_nodes(node[key], f"{path}[{key}]")
+
+
+def test_schema_is_structural() -> None:
+    """What the API server requires of a CRD schema (kubernetes-validate does not look inside it)."""
+    for path, node in schema_nodes(SCHEMA):
+        refused = {"$ref", "$defs", "anyOf", "oneOf", "allOf", "const", "title"}
+        defaults = {"default"} if path != ".spec.replicas" else set()  # the only default: the scale subresource's
+        assert not (refused | defaults) & set(node), path
+        assert node.get("additionalProperties") is not False, path
+        assert "type" in node or node.get("x-kubernetes-int-or-string"), path
+        assert not ("properties" in node and "additionalProperties" in node), path
+        if "exclusiveMinimum" in node or "exclusiveMaximum" in node:
+            assert isinstance(node.get("exclusiveMinimum", True), bool), path
 
 
 def rules(schema: dict[str, Any], path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dict[str, str]]]:

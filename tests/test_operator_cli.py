@@ -1,6 +1,7 @@
 """`kvbuffer operator` as a user runs it: flags from the settings model, one-line errors, and the whole process
 against kmock's emulated API: peering (leader election) object created and kept alive, a KVBufferService
-reconciled, /healthz and the operator's /metrics served, SIGTERM ends it cleanly."""
+reconciled, /healthz and the operator's /metrics served, SIGTERM ends it cleanly, and every API call it made is
+one the RBAC rules (kvbuffer.operator.rbac) allow."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import kmock
 import pytest
 import pytest_asyncio
-from kvbuffer.operator import metrics, peering
+from kvbuffer.operator import metrics, peering, rbac
 from kvbuffer.service.cli import build_parser, main
 
 from tests.operator_emulator import NAMESPACE, Cluster, emulated_api, free_port, wait_for
@@ -73,8 +75,30 @@ async def test_the_operator_process_serves_health_metrics_and_reconciles(api: Cl
         await wait_for(lambda: api.object("apps/v1/deployments", "svc"), "the Deployment")
         desired = f'{metrics.DESIRED_REPLICAS}{{kvbufferservice="svc",namespace="{NAMESPACE}"}} 3.0'
         await wait_for(lambda: desired in get(f"http://127.0.0.1:{metrics_port}/metrics")[1], "the desired gauge")
+        await wait_for(lambda: "MetricsAvailable" in str(api.service("svc").get("status")), "an autoscaling round")
     finally:
         process.send_signal(signal.SIGTERM)
         output = await asyncio.to_thread(process.communicate, timeout=60)
     assert process.returncode == 0, output[0][-3000:]
     assert "Traceback" not in output[0]
+    calls = {call for request in api.emulator if (call := api_call(request)) is not None}
+    assert {("serving.kvbuffer.io", "kvbufferservices", "watch"), ("apps", "deployments", "create"),
+            ("serving.kvbuffer.io", "kvbufferservices/status", "patch")} <= calls  # it did talk to the API
+    allowed = {(group, resource, verb) for rule in rbac.RULES for group in rule["apiGroups"]
+               for resource in rule["resources"] for verb in rule["verbs"]}
+    assert calls <= allowed, f"RBAC misses {calls - allowed}"
+
+
+def api_call(request: kmock.Request) -> tuple[str, str, str] | None:
+    """(API group, resource[/subresource], RBAC verb) of one request the operator made; None for the test's own
+    requests and for discovery."""
+    if request.resource is None or not request.resource.plural or request.headers.get("User-Agent", "").startswith(
+            "kmock/"):
+        return None
+    method = request.method.value
+    if method == "GET":
+        verb = "get" if request.name else "watch" if request.params.get("watch") == "true" else "list"
+    else:
+        verb = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}[method]
+    resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
+    return request.resource.group, resource, verb

@@ -16,9 +16,9 @@ FILE = "deploy/helm/kvbuffer/files/operator-rbac-rules.yaml"
 RULES: list[dict[str, Any]] = [
     # watch the custom resources; patch: kopf keeps its handling state in their annotations
     {"apiGroups": [r.GROUP], "resources": [r.PLURAL], "verbs": ["get", "list", "watch", "patch"]},
-    {"apiGroups": [r.GROUP], "resources": [f"{r.PLURAL}/status"], "verbs": ["get", "patch"]},
+    {"apiGroups": [r.GROUP], "resources": [f"{r.PLURAL}/status"], "verbs": ["patch"]},
     # the autoscaler sets replicas the way an HPA does
-    {"apiGroups": [r.GROUP], "resources": [f"{r.PLURAL}/scale"], "verbs": ["get", "patch"]},
+    {"apiGroups": [r.GROUP], "resources": [f"{r.PLURAL}/scale"], "verbs": ["patch"]},
     # the owned objects: get-create-patch; deletion is the garbage collector's (owner references)
     {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": ["get", "create", "patch"]},
     {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "create", "patch"]},
@@ -27,12 +27,11 @@ RULES: list[dict[str, Any]] = [
     # one Event per change, on the KVBufferService
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     # leader election (kopf peering)
-    {"apiGroups": [peering.GROUP], "resources": ["kopfpeerings"], "verbs": ["get", "list", "watch", "patch", "create"]},
+    {"apiGroups": [peering.GROUP], "resources": ["kopfpeerings"], "verbs": ["list", "watch", "patch", "create"]},
 ]
 # Only for an operator that watches all namespaces: its peering object is cluster-scoped.
 CLUSTER_RULES: list[dict[str, Any]] = [
-    {"apiGroups": [peering.GROUP], "resources": ["clusterkopfpeerings"],
-     "verbs": ["get", "list", "watch", "patch", "create"]},
+    {"apiGroups": [peering.GROUP], "resources": ["clusterkopfpeerings"], "verbs": ["list", "watch", "patch", "create"]},
 ]
 
 

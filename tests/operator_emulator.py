@@ -33,7 +33,7 @@ import jsonpatch
 import jsonschema
 import kmock
 import yaml
-from kvbuffer.operator import crd, main, peering
+from kvbuffer.operator import crd, main, peering, rbac
 from kvbuffer.operator import resource as r
 from kvbuffer.operator.cluster import contains
 from kvbuffer.operator.settings import OperatorSettings
@@ -273,3 +273,28 @@ async def running_operator(standalone: bool = True, **settings: Any) -> AsyncIte
         assert not thread.is_alive(), "the operator did not stop"
         if failure:
             raise failure[0]
+
+
+def api_call(request: kmock.Request) -> tuple[str, str, str] | None:
+    """(API group, resource[/subresource], RBAC verb) of one request the operator made; None for the test's own
+    requests and for discovery."""
+    if request.resource is None or not request.resource.plural or request.headers.get("User-Agent", "").startswith(
+            "kmock/"):
+        return None
+    method = request.method.value
+    if method == "GET":
+        verb = "get" if request.name else "watch" if request.params.get("watch") == "true" else "list"
+    else:
+        verb = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}[method]
+    resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
+    return request.resource.group, resource, verb
+
+
+def operator_calls(emulator: kmock.KubernetesEmulator) -> set[tuple[str, str, str]]:
+    return {call for request in emulator if (call := api_call(request)) is not None}
+
+
+def rbac_allowed() -> set[tuple[str, str, str]]:
+    """(API group, resource, verb) the operator's RBAC rules grant (cluster-wide rules included)."""
+    return {(group, resource, verb) for rule in [*rbac.RULES, *rbac.CLUSTER_RULES] for group in rule["apiGroups"]
+            for resource in rule["resources"] for verb in rule["verbs"]}

@@ -23,7 +23,16 @@ import pytest_asyncio
 from kvbuffer.operator import metrics
 from kvbuffer.operator import resource as r
 
-from tests.operator_emulator import NAMESPACE, Cluster, condition, emulated_api, running_operator, wait_for
+from tests.operator_emulator import (
+    NAMESPACE,
+    Cluster,
+    condition,
+    emulated_api,
+    operator_calls,
+    rbac_allowed,
+    running_operator,
+    wait_for,
+)
 from tests.service_harness import RunningServer
 
 pytestmark = pytest.mark.asyncio
@@ -109,3 +118,5 @@ async def test_decisions_follow_the_load_and_survive_a_restart(api: Cluster, rep
         assert "no fresh metrics" in condition(api.service(name), "MetricsAvailable")["message"]
         await asyncio.sleep(2 * AUTOSCALING["syncPeriodSeconds"])  # a few more rounds without its metrics
         assert api.service(name)["spec"]["replicas"] >= scaled
+    assert ("serving.kvbuffer.io", "kvbufferservices/scale", "patch") in operator_calls(api.emulator)
+    assert operator_calls(api.emulator) <= rbac_allowed()

@@ -15,13 +15,20 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import kmock
 import pytest
 import pytest_asyncio
-from kvbuffer.operator import metrics, peering, rbac
+from kvbuffer.operator import metrics, peering
 from kvbuffer.service.cli import build_parser, main
 
-from tests.operator_emulator import NAMESPACE, Cluster, emulated_api, free_port, wait_for
+from tests.operator_emulator import (
+    NAMESPACE,
+    Cluster,
+    emulated_api,
+    free_port,
+    operator_calls,
+    rbac_allowed,
+    wait_for,
+)
 
 
 def test_help_lists_the_operator_settings(capsys: pytest.CaptureFixture[str]) -> None:
@@ -81,24 +88,8 @@ async def test_the_operator_process_serves_health_metrics_and_reconciles(api: Cl
         output = await asyncio.to_thread(process.communicate, timeout=60)
     assert process.returncode == 0, output[0][-3000:]
     assert "Traceback" not in output[0]
-    calls = {call for request in api.emulator if (call := api_call(request)) is not None}
+    calls = operator_calls(api.emulator)
     assert {("serving.kvbuffer.io", "kvbufferservices", "watch"), ("apps", "deployments", "create"),
             ("serving.kvbuffer.io", "kvbufferservices/status", "patch")} <= calls  # it did talk to the API
-    allowed = {(group, resource, verb) for rule in rbac.RULES for group in rule["apiGroups"]
-               for resource in rule["resources"] for verb in rule["verbs"]}
-    assert calls <= allowed, f"RBAC misses {calls - allowed}"
+    assert calls <= rbac_allowed(), f"RBAC misses {calls - rbac_allowed()}"
 
-
-def api_call(request: kmock.Request) -> tuple[str, str, str] | None:
-    """(API group, resource[/subresource], RBAC verb) of one request the operator made; None for the test's own
-    requests and for discovery."""
-    if request.resource is None or not request.resource.plural or request.headers.get("User-Agent", "").startswith(
-            "kmock/"):
-        return None
-    method = request.method.value
-    if method == "GET":
-        verb = "get" if request.name else "watch" if request.params.get("watch") == "true" else "list"
-    else:
-        verb = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}[method]
-    resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
-    return request.resource.group, resource, verb

@@ -74,7 +74,7 @@ async def step(cluster: Cluster, scrapers: dict[tuple[str, str], FleetScraper], 
     except ValidationError:
         return AutoscalingSpec().sync_period_seconds  # the spec handler reports it (Degraded); retry later
     replicas = body.spec.get("replicas", 1)
-    pods, _starting = await asyncio.to_thread(cluster.ready_pods, name, namespace)
+    pods = await asyncio.to_thread(cluster.ready_pods, name, namespace)  # the others count as starting
     endpoints = {pod["metadata"]["name"]: url for pod in pods if (url := metrics_url(pod))}
     scraper = scrapers.setdefault((namespace, name), FleetScraper())
     observation = await asyncio.to_thread(scraper.observe, endpoints, replicas)

@@ -135,17 +135,9 @@ class Cluster:
             r.GROUP, r.VERSION, namespace, r.PLURAL, name, {"spec": {"replicas": replicas}},
             field_manager=r.MANAGER, _content_type=MERGE_PATCH)
 
-    def ready_pods(self, name: str, namespace: str) -> tuple[list[dict[str, Any]], int]:
-        """The ready pods of a KVBufferService, and how many more are starting (scheduled or not, not ready)."""
+    def ready_pods(self, name: str, namespace: str) -> list[dict[str, Any]]:
+        """The pods of a KVBufferService that pass their readiness probe and are not terminating."""
         pods = self.core.list_namespaced_pod(namespace, label_selector=r.selector_string(name)).items
-        ready, starting = [], 0
-        for pod in map(self._plain, pods):
-            if pod["metadata"].get("deletionTimestamp") or pod.get("status", {}).get("phase") in ("Succeeded",
-                                                                                                  "Failed"):
-                continue
-            conditions = pod.get("status", {}).get("conditions") or []
-            if any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions):
-                ready.append(pod)
-            else:
-                starting += 1
-        return ready, starting
+        return [pod for pod in map(self._plain, pods) if not pod["metadata"].get("deletionTimestamp")
+                and any(c.get("type") == "Ready" and c.get("status") == "True"
+                        for c in (pod.get("status") or {}).get("conditions") or [])]

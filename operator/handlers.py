@@ -15,6 +15,7 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 from kvbuffer.operator import autoscale, metrics
 from kvbuffer.operator import resource as r
+from kvbuffer.operator.autoscaling.config import AutoscalingSpec
 from kvbuffer.operator.cluster import Cluster, api_client
 from kvbuffer.operator.reconcile import reconcile, record_failure
 from kvbuffer.operator.spec import SpecError
@@ -101,6 +102,10 @@ def deployment_changed(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) ->
 async def autoscaling_loop(name: str, namespace: str, body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped,
                            logger: logging.Logger, **_: Any) -> None:
     """Every syncPeriodSeconds: scrape the ready replicas, decide, apply (kvbuffer.operator.autoscale)."""
+    period = AutoscalingSpec().sync_period_seconds
     while not stopped:
-        period = await autoscale.step(memo.cluster, memo.scrapers, name, namespace, body, logger)
+        try:
+            period = await autoscale.step(memo.cluster, memo.scrapers, name, namespace, body, logger)
+        except ApiException as exc:  # the next round tries again; the replica count stays as it is
+            logger.warning("autoscaling round failed: %s %s", exc.status, exc.reason)
         await stopped.wait(period)

@@ -1,7 +1,7 @@
 """kopf handlers: thin. Each reads what kopf hands it, calls the module that decides or applies, reports.
 
 - spec created / changed / seen at start-up -> reconcile (render, get-create-patch, status, one Event per change);
-- a Deployment we own changed -> replicas and Ready/Progressing in the owner's status;
+- a Deployment we own changed -> replicas and Ready/Progressing in the owner's status (deleted -> made again);
 - per KVBufferService, a daemon runs the autoscaling loop (kvbuffer.operator.autoscale).
 """
 
@@ -74,13 +74,23 @@ def forget(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=_OWNED, registry=registry)
-def deployment_changed(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    if type == "DELETED":
-        return
+def deployment_changed(type: str, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     owner = body.metadata.labels.get("app.kubernetes.io/instance")
     if owner is None:
         return
     namespace = body.metadata.namespace
+    cluster: Cluster = memo.cluster
+    if type == "DELETED":  # deleted by hand: make it again, unless its owner is going away too
+        service = cluster.read_service(owner, namespace)
+        if service is not None and not service["metadata"].get("deletionTimestamp"):
+            logger.info("Deployment %s was deleted; applying %s again", body.metadata.name, owner)
+            try:
+                reconcile(cluster, owner, namespace, service["metadata"]["uid"],
+                          service["metadata"].get("generation"), service["spec"],
+                          (service.get("status") or {}).get("configHash"))
+            except SpecError as exc:  # already reported as Degraded when the spec was edited
+                logger.warning("cannot apply %s again: %s", owner, exc)
+        return
     deployment_status = dict(body.status)
     wanted = body.spec.get("replicas", 1)
     conditions = rollout_conditions(deployment_status, body.metadata.get("generation"), wanted)
@@ -93,7 +103,6 @@ def deployment_changed(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) ->
                 "readyReplicas": deployment_status.get("readyReplicas") or 0,
                 "updatedReplicas": deployment_status.get("updatedReplicas") or 0, "conditions": merged}
 
-    cluster: Cluster = memo.cluster
     if cluster.patch_status(owner, namespace, change) is not None:
         metrics.ready_replicas.labels(namespace, owner).set(deployment_status.get("readyReplicas") or 0)
 

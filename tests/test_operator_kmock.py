@@ -171,6 +171,19 @@ async def test_failing_api_calls_set_degraded_and_are_retried(cluster: Cluster) 
         assert cluster.object("v1/configmaps", f"{name}-config") is not None
 
 
+async def test_a_deployment_deleted_by_hand_is_made_again(cluster: Cluster) -> None:
+    name, uid = fresh()
+    async with running_operator():
+        await cluster.create(name, {"model": "m", "replicas": 3}, uid)
+        await applied(cluster, name, 1)
+        response = await cluster.emulator.delete(f"/apis/apps/v1/namespaces/default/deployments/{name}")
+        assert response.status < 300
+        assert cluster.object("apps/v1/deployments", name) is None
+        deployment = await wait_for(lambda: cluster.object("apps/v1/deployments", name), "the Deployment again")
+        assert deployment["spec"]["replicas"] == 3
+        assert deployment["metadata"]["ownerReferences"][0]["uid"] == uid
+
+
 async def test_delete_leaves_cleanup_to_owner_references(cluster: Cluster) -> None:
     name, uid = fresh()
     async with running_operator():

@@ -99,7 +99,7 @@ PRINTER_COLUMNS = [
     {"name": "Desired", "type": "integer", "jsonPath": ".spec.replicas"},
     {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
     {"name": "Buffered", "type": "string", "jsonPath": ".status.telemetry.bufferedShare",
-     "description": "share of decoded tokens on the buffered (KVBuffer) path"},
+     "description": "share of decoded tokens that wrote no state (stateless + buffered paths)"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

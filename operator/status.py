@@ -53,8 +53,8 @@ class TelemetrySummary(_Status):
 
     time: str | None = Field(None, description="when it was scraped (RFC 3339)")
     sampled_replicas: int = Field(0, description="ready replicas whose /metrics answered")
-    buffered_share: str | None = Field(None, description="share of decoded tokens on the buffered (KVBuffer) "
-                                       "path, as a percentage")
+    buffered_share: str | None = Field(None, description="share of decoded tokens that wrote no state "
+                                       "(stateless and buffered paths), as a percentage")
     values: dict[str, Any] = Field(default_factory=dict, description="decode rate by path, backlog, occupancy")
 
 

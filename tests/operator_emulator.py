@@ -246,7 +246,7 @@ async def emulated_api(directory: Path, environment: Any) -> AsyncIterator[Clust
 
 
 @contextlib.asynccontextmanager
-async def running_operator(standalone: bool = True, **settings: Any) -> AsyncIterator[None]:
+async def running_operator(standalone: bool = True, thread: str = "operator", **settings: Any) -> AsyncIterator[None]:
     """`kvbuffer operator` (kvbuffer.operator.main.run) in a thread of its own until the block ends: its own event
     loop, as in its own process, so that it sees the emulator only through HTTP."""
     options = OperatorSettings(namespace=[NAMESPACE], standalone=standalone, health_port=free_port(), **settings)
@@ -260,8 +260,8 @@ async def running_operator(standalone: bool = True, **settings: Any) -> AsyncIte
             failure.append(exc)
             ready.set()
 
-    thread = threading.Thread(target=serve, name="operator", daemon=True)
-    thread.start()
+    runner = threading.Thread(target=serve, name=thread, daemon=True)
+    runner.start()
     await asyncio.to_thread(ready.wait, WAIT_S)
     if failure:
         raise failure[0]
@@ -269,8 +269,8 @@ async def running_operator(standalone: bool = True, **settings: Any) -> AsyncIte
         yield
     finally:
         stop.set()
-        await asyncio.to_thread(thread.join, WAIT_S)
-        assert not thread.is_alive(), "the operator did not stop"
+        await asyncio.to_thread(runner.join, WAIT_S)
+        assert not runner.is_alive(), "the operator did not stop"
         if failure:
             raise failure[0]
 

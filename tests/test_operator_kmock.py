@@ -6,6 +6,8 @@ listed in tests/operator_emulator.py with the tests that cover each gap.
 
 from __future__ import annotations
 
+import logging
+import random
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +17,7 @@ import jsonschema
 import pytest
 import pytest_asyncio
 import yaml
-from kvbuffer.operator import metrics
+from kvbuffer.operator import metrics, peering
 from kvbuffer.operator import resource as r
 
 from tests.operator_emulator import (
@@ -194,3 +196,28 @@ async def test_delete_leaves_cleanup_to_owner_references(cluster: Cluster) -> No
     # The garbage collector (not in the emulator) deletes these through their owner references.
     for resource, pattern in OWNED:
         assert cluster.object(resource, pattern.format(name))["metadata"]["ownerReferences"][0]["uid"] == uid
+
+
+
+
+async def test_two_operators_elect_one(cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
+    """Leader election by kopf peering: both operators record themselves in the peering object, the one of higher
+    priority handles the KVBufferService, the other stays paused (no handling logged from its thread)."""
+    name, uid = fresh()
+    low, high = sorted(random.sample(range(1, 10_000), 2))
+    caplog.set_level(logging.INFO, logger="kopf")
+
+    def records() -> dict[str, Any]:
+        return cluster.object(f"{peering.GROUP}/{peering.VERSION}/kopfpeerings", peering.NAME)["status"]
+
+    async with running_operator(standalone=False, priority=high, thread="leader"):
+        await wait_for(lambda: len(records()) == 1, "the leader's peering record")
+        async with running_operator(standalone=False, priority=low, thread="follower"):
+            await wait_for(lambda: len(records()) == 2, "the follower's peering record")
+            await cluster.create(name, {"model": "m"}, uid)
+            await applied(cluster, name, 1)
+            await cluster.edit(name, {"replicas": 3})
+            await applied(cluster, name, 2)
+            assert sorted(record["priority"] for record in records().values()) == [low, high]
+    handled = {record.threadName for record in caplog.records if "is processed" in record.getMessage()}
+    assert handled == {"leader"}

@@ -88,7 +88,7 @@ async def test_decisions_follow_the_load_and_survive_a_restart(api: Cluster, rep
         await wait_for(lambda: condition(api.service(name), "MetricsAvailable")["status"] == "True",
                        "fresh metrics from both replicas (two scrapes each: rates)")
         assert api.service(name)["spec"]["replicas"] == 2  # idle: nothing to scale up for, too young to go down
-        drivers = [load(server, 6) for server in replicas]
+        drivers = [load(server, 10) for server in replicas]
         try:
             await wait_for(lambda: api.service(name)["spec"]["replicas"] > 2, "a scale-up under load")
         finally:

@@ -11,6 +11,7 @@ import importlib.metadata
 from typing import Any
 
 from kvbuffer.operator.autoscaling.config import AutoscalingSpec
+from kvbuffer.operator.resource import GRPC_PORT, METRICS_PORT
 from kvbuffer.service.server.settings import ServiceSettings
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
@@ -74,8 +75,6 @@ class KVBufferServiceSpec(BaseModel):
 
     def server_settings(self) -> dict[str, Any]:
         """What `kvbuffer serve` reads from its config file: the CR's settings plus those the operator fixes."""
-        from kvbuffer.operator.resource import GRPC_PORT, METRICS_PORT
-
         fixed: dict[str, Any] = {"model": self.model, "engine": self.engine, "port": GRPC_PORT,
                                  "metrics_port": METRICS_PORT, "device": "cuda" if self.gpus_per_replica else "cpu"}
         if TENSOR_PARALLEL_SETTING in ServiceSettings.model_fields:

@@ -8,9 +8,9 @@ Per decision (docs/AUTOSCALING.md has the derivation and the reasons behind each
    slots per request its running requests hold now (a recurrent request with drafts holds more state than a
    buffered one).
 2. Demand, summed over replicas with fresh metrics. Concurrency: arrivals x time in service (Little's law,
-   so a queue that grows during a model load is not counted again and again), at least what runs now, plus
-   the backlog drained within one stable window (dropped while replicas are starting: they will drain it).
-   Tokens/s: arrivals x tokens per request, at least what is decoded now.
+   so a queue that grows during a model load is not counted again and again), plus the backlog drained within
+   one stable window (dropped while replicas are starting: they will drain it). Tokens/s: arrivals x tokens per
+   request, plus the same backlog term.
 3. Replicas needed = max(tokens demand / tokens capacity, concurrency demand / concurrency capacity) /
    targetUtilization, a fraction; averaged over the stable window (down) and the panic window (up).
 4. Recommendation: unchanged within the tolerance band, else ceil(needed): a scale-down only when the load
@@ -53,7 +53,7 @@ class PolicyState(_CamelModel):
 
     since: float | None = None  # epoch seconds of the first decision remembered: windows are full from then on
     needs: list[TimedValue] = Field(default_factory=list)  # replicas needed, within the stable window
-    recommendations: list[TimedValue] = Field(default_factory=list)  # within the scale-down stabilization window
+    recommendations: list[TimedValue] = Field(default_factory=list)  # the stabilization window's, decreasing
     panic_until: float | None = None  # epoch seconds; panic mode holds until then
     capacity_factor: dict[str, float] = Field(default_factory=lambda: dict.fromkeys(PATHS, 1.0))  # learned / prior
     mix: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_MIX))  # last seen share of tokens by path
@@ -161,8 +161,9 @@ def decide(spec: AutoscalingSpec, observation: FleetObservation, state: PolicySt
     within = current > 0 and abs(wanted / current - 1) <= spec.tolerance
     recommendation = current if within else math.ceil(wanted - 1e-9)
     recommendation = min(max(recommendation, spec.min_replicas), spec.max_replicas)
-    recommendations = _within([*state.recommendations, TimedValue(at=now, value=recommendation)], now,
-                              spec.scale_down_stabilization_seconds)
+    # only what could still be the window's highest: older entries no higher than a newer one are dropped
+    recommendations = _within([*(r for r in state.recommendations if r.value > recommendation),
+                               TimedValue(at=now, value=recommendation)], now, spec.scale_down_stabilization_seconds)
 
     if recommendation > current:
         desired, reason, why = _scale_up(spec, current, recommendation, wanted, panic)
@@ -284,23 +285,21 @@ def _observe(spec: AutoscalingSpec, loads: list[ReplicaLoad], state: PolicyState
 def _replica_demand(load: ReplicaLoad, starting: int, drain_s: float) -> tuple[float, float]:
     """(tokens/s, concurrent requests) one replica is asked for.
 
-    With rates: arrivals x tokens per request and arrivals x time in service, at least what it serves now, plus
-    its queue drained within drain_s unless replicas are starting (they will drain it: counting a queue that grows
-    during a model load again at every decision is what doubles a fleet 2 -> 4 -> 8). Without rates (one sample
-    so far): what runs and waits now."""
+    With rates: arrivals x tokens per request and arrivals x time in service, plus its queue drained within
+    drain_s unless replicas are starting (they will drain it: counting a queue that grows during a model load again
+    at every decision is what doubles a fleet 2 -> 4 -> 8). Not what it runs now: while a backlog drains on old
+    replicas and a balancer sends the new arrivals to new ones, that would count the same work twice. Without
+    rates (one sample so far): what runs and waits now."""
     s, r = load.sample, load.rates
     in_system = s.running + s.waiting
     drain = 0.0 if starting else s.waiting / drain_s
     if r is None:
         return 0.0, in_system
-    if r.service_time_s is None:
-        concurrency = in_system
-    else:
-        concurrency = max(r.arrivals_per_s * r.service_time_s, s.running) + drain * r.service_time_s
+    concurrency = in_system if r.service_time_s is None else (r.arrivals_per_s + drain) * r.service_time_s
     if r.tokens_per_request is None:
         tokens = r.decode_per_s * (in_system / s.running if s.running > 0 and not starting else 1.0)
     else:
-        tokens = max(r.arrivals_per_s * r.tokens_per_request, r.decode_per_s) + drain * r.tokens_per_request
+        tokens = (r.arrivals_per_s + drain) * r.tokens_per_request
     return tokens, concurrency
 
 

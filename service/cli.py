@@ -1,4 +1,5 @@
-"""The `kvbuffer` command: `serve` runs the gRPC server, `generate` streams a completion to the terminal.
+"""The `kvbuffer` command: `serve` runs the gRPC server, `generate` streams a completion to the terminal,
+`operator` runs the Kubernetes operator (needs the `operator` extra).
 
 Every flag is generated from a settings model (ServiceSettings, GenerateSettings), so `--help` lists each
 setting with its description, default, allowed values and environment variable, and nothing is declared
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from kvbuffer.operator.settings import ENV_PREFIX as OPERATOR_ENV_PREFIX
+from kvbuffer.operator.settings import OperatorSettings
 from kvbuffer.service.server.client import GenerateSettings
 from kvbuffer.service.server.settings import (
     ENV_NESTED_DELIMITER,
@@ -115,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Stream a completion from a kvbuffer server to stdout; usage and KVBuffer statistics go to stderr."))
     generate.add_argument("prompt", help="prompt text")
     add_settings_flags(generate, GenerateSettings, "KVBUFFER_CLIENT_")
+    operator = commands.add_parser("operator", help="run the Kubernetes operator", description=(
+        "Reconcile KVBufferService resources into Deployments, ConfigMaps and Services and autoscale them from "
+        "their replicas' telemetry (docs/OPERATOR.md). Needs the `operator` extra: pip install 'kvbuffer[operator]'."))
+    add_settings_flags(operator, OperatorSettings, OPERATOR_ENV_PREFIX)
     return parser
 
 
@@ -162,10 +169,24 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operator(args: argparse.Namespace) -> int:
+    try:
+        options = OperatorSettings(**settings_values(args, OperatorSettings))
+    except ValidationError as exc:
+        raise SettingsError(describe_errors(exc)) from None
+    try:
+        from kvbuffer.operator.main import main as run_operator
+    except ImportError as exc:
+        print(f"kvbuffer operator: error: {exc.name} is missing: pip install 'kvbuffer[operator]'", file=sys.stderr)
+        return 1
+    run_operator(options)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"serve": _serve, "generate": _generate}[args.command](args)
+        return {"serve": _serve, "generate": _generate, "operator": _operator}[args.command](args)
     except SettingsError as exc:
         for line in str(exc).splitlines():
             print(f"kvbuffer {args.command}: error: {line}", file=sys.stderr)

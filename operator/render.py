@@ -1,0 +1,126 @@
+"""The objects a KVBufferService should own, as a pure function of its name, uid and spec (no cluster needed).
+
+A settings edit changes the ConfigMap and, through the config hash in the pod template, rolls the Deployment;
+maxUnavailable 0 keeps every old pod serving until its replacement is ready. Probes speak grpc.health.v1, which
+the server turns NOT_SERVING while it drains, so a terminating pod leaves the Services first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import yaml
+from kvbuffer.operator import resource as r
+from kvbuffer.operator.spec import KVBufferServiceSpec
+
+SHM_SIZE = "8Gi"  # tensor-parallel ranks exchange tensors through /dev/shm (NCCL); 64 MiB, the default, is too small
+STARTUP_SECONDS = 1800  # a large model takes minutes to load: the startup probe allows this long before restarts
+
+
+def config_text(spec: KVBufferServiceSpec) -> str:
+    return yaml.safe_dump(spec.server_settings(), sort_keys=True)
+
+
+def config_hash(spec: KVBufferServiceSpec) -> str:
+    return hashlib.sha256(config_text(spec).encode()).hexdigest()[:16]
+
+
+def _metadata(name: str, namespace: str, owner: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "namespace": namespace, "labels": r.selector_labels(owner["name"]),
+            "ownerReferences": [owner]}
+
+
+def owner_reference(name: str, uid: str) -> dict[str, Any]:
+    """The KVBufferService as controller of an object: deleting it deletes the object (garbage collection)."""
+    return {"apiVersion": r.API_VERSION, "kind": r.KIND, "name": name, "uid": uid, "controller": True,
+            "blockOwnerDeletion": True}
+
+
+def config_map(name: str, namespace: str, uid: str, spec: KVBufferServiceSpec) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _metadata(r.config_map_name(name), namespace, owner_reference(name, uid)),
+            "data": {r.CONFIG_KEY: config_text(spec)}}
+
+
+def _resources(spec: KVBufferServiceSpec) -> dict[str, Any]:
+    limits = dict(spec.resources.limits)
+    requests = dict(spec.resources.requests)
+    if spec.gpus_per_replica:
+        limits["nvidia.com/gpu"] = spec.gpus_per_replica
+        requests["nvidia.com/gpu"] = spec.gpus_per_replica
+    return {key: value for key, value in (("limits", limits), ("requests", requests)) if value}
+
+
+def _grpc_probe(period: int, failures: int) -> dict[str, Any]:
+    return {"grpc": {"port": r.GRPC_PORT}, "periodSeconds": period, "failureThreshold": failures, "timeoutSeconds": 5}
+
+
+def deployment(name: str, namespace: str, uid: str, spec: KVBufferServiceSpec) -> dict[str, Any]:
+    labels = r.selector_labels(name)
+    settings = spec.server_settings()
+    grace = settings.get("shutdown_grace_period_s", 30.0)
+    volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": r.config_map_name(name)}}]
+    mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": r.CONFIG_DIR, "readOnly": True}]
+    if spec.tensor_parallel_size > 1:
+        volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}})
+        mounts.append({"name": "shm", "mountPath": "/dev/shm"})
+    container = {
+        "name": "server",
+        "image": spec.image,
+        "command": ["kvbuffer"],
+        "args": ["serve", "--config", f"{r.CONFIG_DIR}/{r.CONFIG_KEY}"],
+        "ports": [{"name": "grpc", "containerPort": r.GRPC_PORT, "protocol": "TCP"},
+                  {"name": "metrics", "containerPort": r.METRICS_PORT, "protocol": "TCP"}],
+        "env": [{"name": "OTEL_SERVICE_NAME", "value": name}],
+        "resources": _resources(spec),
+        "volumeMounts": mounts,
+        "startupProbe": _grpc_probe(10, STARTUP_SECONDS // 10),
+        "readinessProbe": _grpc_probe(5, 2),
+        "livenessProbe": _grpc_probe(10, 6),
+        "securityContext": {"allowPrivilegeEscalation": False},
+    }
+    template_annotations = {r.CONFIG_HASH_ANNOTATION: config_hash(spec), "prometheus.io/scrape": "true",
+                            "prometheus.io/port": str(r.METRICS_PORT)}
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": _metadata(name, namespace, owner_reference(name, uid)),
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": labels},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "revisionHistoryLimit": 5,
+            "template": {
+                "metadata": {"labels": labels, "annotations": template_annotations},
+                "spec": {
+                    "containers": [container],
+                    "volumes": volumes,
+                    # The server drains for shutdown_grace_period_s; the kubelet must not kill it sooner.
+                    "terminationGracePeriodSeconds": int(grace) + 10,
+                },
+            },
+        },
+    }
+
+
+def _service(name: str, service_name: str, namespace: str, uid: str, headless: bool) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "type": "ClusterIP",
+        "selector": r.selector_labels(name),
+        "ports": [{"name": "grpc", "port": r.GRPC_PORT, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"},
+                  {"name": "metrics", "port": r.METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}],
+    }
+    if headless:
+        spec["clusterIP"] = "None"  # one DNS record per ready pod: clients that balance per connection use this
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _metadata(service_name, namespace, owner_reference(name, uid)), "spec": spec}
+
+
+def desired_objects(name: str, namespace: str, uid: str, spec: KVBufferServiceSpec) -> list[dict[str, Any]]:
+    """Everything one KVBufferService owns, in the order to apply it (the ConfigMap before the pods that read it)."""
+    return [
+        config_map(name, namespace, uid, spec),
+        deployment(name, namespace, uid, spec),
+        _service(name, name, namespace, uid, headless=False),
+        _service(name, r.headless_service_name(name), namespace, uid, headless=True),
+    ]

@@ -1,0 +1,113 @@
+"""The spec of a KVBufferService as the operator reads it, and the check that keeps an invalid edit from a pod.
+
+`spec.settings` holds service settings by their own names; they are validated by the service's own model
+(`ServiceSettings`, the single source of truth), so an edit the server would refuse at start-up is refused here,
+before any ConfigMap changes. Some settings are fixed by the operator rather than per CR (OPERATOR_SETTINGS).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from typing import Any
+
+from kvbuffer.operator.autoscaling.config import AutoscalingSpec
+from kvbuffer.operator.resource import GRPC_PORT, METRICS_PORT
+from kvbuffer.service.server.settings import ServiceSettings
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+# Settings a CR does not carry, and why: the ports are what the Services, probes and the autoscaler's scrape use;
+# `model` and `engine` are spec fields of their own; `device` follows gpusPerReplica; TLS files and the auth token
+# are files and secrets, which belong in mounted Secrets, not in a resource anyone who can read it sees.
+OPERATOR_SETTINGS = frozenset({"host", "port", "metrics_port", "model", "engine", "device", "tls", "auth"})
+CR_SETTINGS = tuple(name for name in ServiceSettings.model_fields if name not in OPERATOR_SETTINGS)
+# The tensor-parallel setting of the engine that has one (SGLang's name); rendered only where the settings have it.
+TENSOR_PARALLEL_SETTING = "tp_size"
+
+Engine = ServiceSettings.model_fields["engine"].annotation  # the engines the service offers
+DEFAULT_IMAGE = f"kvbuffer:{importlib.metadata.version('kvbuffer')}"
+
+
+class SpecError(ValueError):
+    """A spec the operator refuses; one line per bad field, named by its path under `spec`."""
+
+
+class Resources(BaseModel):
+    """core/v1 ResourceRequirements without claims: quantities by resource name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    limits: dict[str, int | str] = Field(default_factory=dict, description="most of each resource a replica may "
+                                         "use, e.g. cpu: 8, memory: 64Gi")
+    requests: dict[str, int | str] = Field(default_factory=dict, description="what a replica is scheduled with")
+
+
+class KVBufferServiceSpec(BaseModel):
+    """A fleet of `kvbuffer serve` replicas of one model, tuned by the service's own settings."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True,
+                              protected_namespaces=())
+
+    model: str = Field(min_length=1, description="Hugging Face model directory (a path inside the image or a "
+                       "mounted volume) or 'embedded:tiny-qwen3-next'; immutable: another model is another "
+                       "KVBufferService")
+    image: str = Field(DEFAULT_IMAGE, min_length=1, description="container image of kvbuffer")
+    engine: Engine = Field("native", description="engine implementation of the replicas")
+    replicas: int = Field(1, ge=0, le=1000, description="replicas wanted when autoscaling is off; with it on, "
+                          "the operator writes its decisions here (scale subresource)")
+    gpus_per_replica: int = Field(0, ge=0, le=64, description="GPUs (nvidia.com/gpu) each replica gets; 0 runs "
+                                  "on CPU; a multiple of tensorParallelSize")
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs one model copy is split across")
+    resources: Resources = Field(default_factory=Resources, description="CPU and memory of each replica (the "
+                                 "GPUs come from gpusPerReplica)")
+    settings: dict[str, Any] = Field(default_factory=dict, description="service settings by their own names "
+                                     "(buffer_size, chunk_size, decode_mode, ...: `kvbuffer serve --help`); "
+                                     "unset ones keep the service's defaults")
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="sizing the fleet from "
+                                         "its decode-path telemetry")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KVBufferServiceSpec:
+        if self.gpus_per_replica % self.tensor_parallel_size:
+            raise ValueError(f"gpusPerReplica ({self.gpus_per_replica}) must be a multiple of "
+                             f"tensorParallelSize ({self.tensor_parallel_size})")
+        return self
+
+    def server_settings(self) -> dict[str, Any]:
+        """What `kvbuffer serve` reads from its config file: the CR's settings plus those the operator fixes."""
+        fixed: dict[str, Any] = {"model": self.model, "engine": self.engine, "port": GRPC_PORT,
+                                 "metrics_port": METRICS_PORT, "device": "cuda" if self.gpus_per_replica else "cpu"}
+        if TENSOR_PARALLEL_SETTING in ServiceSettings.model_fields:
+            fixed[TENSOR_PARALLEL_SETTING] = self.tensor_parallel_size
+        return {**self.settings, **fixed}
+
+
+def _describe(exc: ValidationError, prefix: str) -> str:
+    """One line per error: the field's path (as the user spelled it), what is wrong, and the value given."""
+    lines = []
+    for error in exc.errors():
+        path = ".".join(str(part) for part in (prefix, *error["loc"]))
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif error["type"] != "value_error":
+            message = f"{message} (got {error['input']!r})"
+        lines.append(f"{path}: {message}")
+    return "\n".join(lines)
+
+
+def parse_spec(raw: dict[str, Any]) -> KVBufferServiceSpec:
+    """The spec, checked as the server would check it; SpecError names every field that is wrong."""
+    try:
+        spec = KVBufferServiceSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(_describe(exc, "spec")) from None
+    fixed = sorted(OPERATOR_SETTINGS.intersection(spec.settings))
+    if fixed:
+        raise SpecError("\n".join(f"spec.settings.{name}: set by the operator, not per KVBufferService"
+                                  for name in fixed))
+    try:
+        ServiceSettings.model_validate(spec.server_settings())  # not the constructor: no environment read
+    except ValidationError as exc:
+        raise SpecError(_describe(exc, "spec.settings")) from None
+    return spec

@@ -1,0 +1,115 @@
+"""The desired objects as a pure function of the spec, without a cluster: valid against the Kubernetes schemas
+(kubernetes-validate, strict, pinned version), read back by the service's own settings loader, rolled by a
+settings change and only by one, and compared with objects as the API server returns them (`contains`)."""
+
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+from kvbuffer.operator import resource as r
+from kvbuffer.operator.cluster import contains
+from kvbuffer.operator.render import config_hash, deployment, desired_objects
+from kvbuffer.operator.spec import KVBufferServiceSpec, parse_spec
+from kvbuffer.service.server.settings import load_settings
+
+KUBERNETES_VERSION = "1.32.0"  # the schemas the objects must fit (kubectl and the API server of that release)
+
+
+def random_spec(rng: random.Random) -> KVBufferServiceSpec:
+    tp = rng.choice([1, 2, 4])
+    buffer_size = rng.randint(16, 128)
+    return parse_spec({
+        "model": rng.choice(["embedded:tiny-qwen3-next", "/models/qwen3-next"]),
+        "replicas": rng.randint(0, 8),
+        "gpusPerReplica": tp * rng.randint(0, 2),
+        "tensorParallelSize": tp,
+        "resources": {"requests": {"cpu": rng.randint(1, 8), "memory": f"{rng.randint(1, 64)}Gi"}},
+        "settings": {"buffer_size": buffer_size, "chunk_size": rng.randint(1, buffer_size),
+                     "decode_mode": rng.choice(["kvbuffer", "recurrent"]),
+                     "max_running_requests": rng.randint(1, 512), "shutdown_grace_period_s": rng.uniform(1, 120)},
+    })
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_objects_are_valid_kubernetes_objects(seed: int) -> None:
+    rng = random.Random()
+    spec = random_spec(rng)
+    for obj in desired_objects(f"svc-{seed}", "serving", "0c9a3f4e-uid", spec):
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def test_config_map_is_what_the_server_reads(tmp_path: Path) -> None:
+    spec = random_spec(random.Random())
+    config = desired_objects("svc", "ns", "uid", spec)[0]
+    path = tmp_path / r.CONFIG_KEY
+    path.write_text(config["data"][r.CONFIG_KEY])
+    served = load_settings(config_file=path)
+    for name, value in spec.settings.items():
+        assert getattr(served, name) == pytest.approx(value)
+    assert (served.model, served.port, served.metrics_port) == (spec.model, r.GRPC_PORT, r.METRICS_PORT)
+    assert served.device == ("cuda" if spec.gpus_per_replica else "cpu")
+
+
+def test_settings_change_rolls_and_replicas_change_does_not() -> None:
+    rng = random.Random()
+    spec = random_spec(rng)
+    more = spec.model_copy(update={"replicas": spec.replicas + 1})
+    chunk = spec.settings["chunk_size"] % 16 + 1  # another chunk size, still within the buffer
+    retuned = spec.model_copy(update={"settings": {**spec.settings, "chunk_size": chunk}})
+    assert config_hash(more) == config_hash(spec)
+    assert config_hash(retuned) != config_hash(spec)
+    template = deployment("a", "ns", "uid", spec)["spec"]["template"]
+    assert template["metadata"]["annotations"][r.CONFIG_HASH_ANNOTATION] == config_hash(spec)
+    assert deployment("a", "ns", "uid", more)["spec"]["template"] == template
+
+
+def test_deployment_keeps_capacity_and_probes_grpc() -> None:
+    spec = parse_spec({"model": "m", "gpusPerReplica": 4, "tensorParallelSize": 2,
+                       "settings": {"shutdown_grace_period_s": 45}})
+    obj = deployment("a", "ns", "uid-1", spec)
+    assert obj["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    pod = obj["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"] == {"port": r.GRPC_PORT}
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"grpc": 50051, "metrics": 9464}
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert pod["terminationGracePeriodSeconds"] > 45
+    assert {"name": "shm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    assert obj["spec"]["selector"]["matchLabels"] == r.selector_labels("a")
+    assert obj["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+
+
+def as_served(obj: dict[str, Any]) -> dict[str, Any]:
+    """The object as the API server returns it: metadata and defaults added, quantities as strings."""
+    served = copy.deepcopy(obj)
+    served["metadata"].update(uid="server-uid", resourceVersion="812", generation=3,
+                              creationTimestamp="2026-01-01T00:00:00Z")
+    if obj["kind"] == "Deployment":
+        pod = served["spec"]["template"]["spec"]
+        pod.update(dnsPolicy="ClusterFirst", restartPolicy="Always", schedulerName="default-scheduler")
+        container = pod["containers"][0]
+        container.update(imagePullPolicy="IfNotPresent", terminationMessagePath="/dev/termination-log")
+        for kind in container["resources"].values():
+            kind.update({key: str(value) for key, value in kind.items()})
+        served["status"] = {"replicas": 1}
+    if obj["kind"] == "Service":
+        served["spec"].update(clusterIP=served["spec"].get("clusterIP", "10.0.0.7"), sessionAffinity="None")
+    return served
+
+
+def test_contains_ignores_what_the_server_adds_and_sees_real_changes() -> None:
+    spec = random_spec(random.Random())
+    for obj in desired_objects("svc", "ns", "uid", spec):
+        assert contains(as_served(obj), obj)
+    obj = deployment("svc", "ns", "uid", spec)
+    changed = deployment("svc", "ns", "uid", spec.model_copy(update={"image": "kvbuffer:next"}))
+    assert not contains(as_served(obj), changed)
+    fewer_ports = as_served(obj)
+    fewer_ports["spec"]["template"]["spec"]["containers"][0]["ports"].pop()
+    assert not contains(fewer_ports, obj)

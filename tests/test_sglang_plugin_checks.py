@@ -16,7 +16,7 @@ def sglang_args(**overrides: object) -> SimpleNamespace:
                   disaggregation_mode="null", enable_unified_memory=False, enable_page_major_kv_layout=False,
                   mamba_ssm_dtype=None, disable_radix_cache=True, mamba_radix_cache_strategy="auto",
                   speculative_algorithm=None, speculative_eagle_topk=None, speculative_num_draft_tokens=None,
-                  extra_buffer=False)
+                  speculative_ngram_max_bfs_breadth=1, extra_buffer=False)
     values.update(overrides)
     args = SimpleNamespace(**values)
     args.enable_mamba_extra_buffer = lambda: args.extra_buffer
@@ -48,6 +48,8 @@ def test_bad_settings_name_the_setting(env: dict[str, str], named: str) -> None:
     ({"disable_radix_cache": False, "mamba_radix_cache_strategy": "no_buffer"}, "mamba_radix_cache_strategy"),
     ({"speculative_algorithm": "EAGLE", "speculative_eagle_topk": 4, "speculative_num_draft_tokens": 4},
      "speculative_eagle_topk"),
+    ({"speculative_algorithm": "NGRAM", "speculative_ngram_max_bfs_breadth": 2, "speculative_eagle_topk": 2,
+      "speculative_num_draft_tokens": 4}, "speculative_ngram_max_bfs_breadth"),
     ({"speculative_algorithm": "NEXTN", "speculative_eagle_topk": 1, "speculative_num_draft_tokens": 5},
      "speculative_num_draft_tokens"),
     ({"speculative_algorithm": "NEXTN", "speculative_eagle_topk": 1, "speculative_num_draft_tokens": 4,
@@ -64,6 +66,9 @@ def test_supported_combinations_pass() -> None:
     assert server_args_problem(sglang_args(), settings) is None
     assert server_args_problem(sglang_args(disable_radix_cache=False, extra_buffer=True), settings) is None
     assert server_args_problem(sglang_args(speculative_algorithm="NEXTN", speculative_eagle_topk=1,
+                                           speculative_num_draft_tokens=4), settings) is None
+    # NGRAM at breadth 1 (SGLang then sets speculative_eagle_topk 1 and verifies the drafts as one chain)
+    assert server_args_problem(sglang_args(speculative_algorithm="NGRAM", speculative_eagle_topk=1,
                                            speculative_num_draft_tokens=4), settings) is None
     # recurrent mode leaves SGLang as it is, whatever its settings
     assert server_args_problem(sglang_args(enable_linear_replayssm=True), PluginSettings("recurrent")) is None

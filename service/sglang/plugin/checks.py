@@ -55,6 +55,13 @@ def server_args_problem(args: Any, settings: PluginSettings) -> str | None:
         return (f"kvbuffer: the radix cache with mamba_radix_cache_strategy={args.mamba_radix_cache_strategy!r} "
                 "caches states that lag the buffer; use 'extra_buffer' or disable_radix_cache")
     if getattr(args, "speculative_algorithm", None):
+        # NGRAM: SGLang sets speculative_eagle_topk to speculative_ngram_max_bfs_breadth. At 1 its GDN verify runs the
+        # drafts as one chain (no retrieve_parent_token) and commits the state at the last accepted node's index;
+        # the plugin does the same (its drafts may still branch where a match is short: SGLang's semantics, kept).
+        breadth = getattr(args, "speculative_ngram_max_bfs_breadth", 1)
+        if args.speculative_algorithm == "NGRAM" and breadth != 1:
+            return (f"kvbuffer: speculative_ngram_max_bfs_breadth={breadth} makes tree drafts; KVBuffer verifies "
+                    "chains: set it (and speculative_ngram_min_bfs_breadth) to 1")
         topk = getattr(args, "speculative_eagle_topk", None)
         if topk not in (None, 1):
             return f"kvbuffer: speculative_eagle_topk={topk}: KVBuffer verifies chain drafts only (top-k 1)"

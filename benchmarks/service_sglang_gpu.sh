@@ -17,7 +17,7 @@ case "$1" in
   bench)
     pkg=/tmp/kvbuffer-path
     mkdir -p "$pkg/kvbuffer"
-    for d in kernels service; do ln -sfn "$PWD/$d" "$pkg/kvbuffer/$d"; done
+    for d in kernels service operator; do ln -sfn "$PWD/$d" "$pkg/kvbuffer/$d"; done
     ln -sfn "$PWD/proto/kvbuffer/v1" "$pkg/kvbuffer/v1"
     python3 - "$pkg" <<'PY'
 import pathlib, sys, tomllib

@@ -8,6 +8,8 @@ How the policy uses each knob: docs/AUTOSCALING.md.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
@@ -32,6 +34,18 @@ class PathThroughput(_CamelModel):
                              "tokens/s on the recurrent path (state read and written every step)")
 
 
+def _cel_rules(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """Cross-field rules as CEL (x-kubernetes-validations) in the generated schema; a field left out counts at its
+    default. minReplicas <= maxReplicas is added by the CRD generator (kvbuffer.operator.crd)."""
+    def term(name: str) -> str:
+        alias = model.model_fields[name].alias
+        return f"(has(self.{alias}) ? self.{alias} : {model.model_fields[name].default})"
+
+    schema["x-kubernetes-validations"] = [
+        {"rule": f"{term('panic_window_seconds')} <= {term('stable_window_seconds')}",
+         "message": "panicWindowSeconds must be <= stableWindowSeconds", "fieldPath": ".panicWindowSeconds"}]
+
+
 class AutoscalingSpec(_CamelModel):
     """How the operator sizes the fleet from the replicas' decode-path telemetry (docs/AUTOSCALING.md).
 
@@ -40,12 +54,7 @@ class AutoscalingSpec(_CamelModel):
     within [minReplicas, maxReplicas], damped by the tolerance, windows and rate limits below.
     """
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        {"rule": "!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
-         "message": "minReplicas must be <= maxReplicas"},
-        {"rule": "!has(self.panicWindowSeconds) || !has(self.stableWindowSeconds) || "
-                 "self.panicWindowSeconds <= self.stableWindowSeconds",
-         "message": "panicWindowSeconds must be <= stableWindowSeconds"}]})
+    model_config = ConfigDict(json_schema_extra=_cel_rules)
 
     enabled: bool = Field(False, description="the operator sets the replica count; when false, spec.replicas "
                           "(or kubectl scale, an HPA or KEDA through the scale subresource) does")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -102,7 +102,7 @@ class FleetSummary:
         return (self.decode_tokens_per_s["stateless"] + self.decode_tokens_per_s["buffered"]) / total
 
     def to_status(self) -> dict[str, Any]:
-        rounded = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        rounded = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
         rounded["decode_tokens_per_s"] = {p: round(v, 1) for p, v in self.decode_tokens_per_s.items()}
         rounded["buffered_share"] = None if self.buffered_share is None else round(self.buffered_share, 3)
         return {to_camel(k): v for k, v in rounded.items()}
@@ -150,7 +150,7 @@ def decide(spec: AutoscalingSpec, observation: FleetObservation, state: PolicySt
     stable = sum(n.value for n in needs) / len(needs)
     recent = [n.value for n in needs if now - n.at <= spec.panic_window_seconds]
     short = sum(recent) / len(recent)
-    summary = FleetSummary(**{**summary.__dict__, "needed_stable": stable, "needed_panic": short})
+    summary = replace(summary, needed_stable=stable, needed_panic=short)
 
     panic_until = state.panic_until if state.panic_until is not None and state.panic_until > now else None
     if current > 0 and short >= spec.panic_threshold * current:
@@ -165,39 +165,55 @@ def decide(spec: AutoscalingSpec, observation: FleetObservation, state: PolicySt
                               spec.scale_down_stabilization_seconds)
 
     if recommendation > current:
-        limit = spec.max_replicas if panic else max(math.ceil(current * spec.max_scale_up_rate),
-                                                    current + spec.max_scale_up_pods)
-        desired = min(recommendation, limit)
-        reason = "PanicScaleUp" if panic else "ScaleUp"
-        why = f"need {wanted:.2f} replicas for the load" + (", panic mode" if panic else "")
+        desired, reason, why = _scale_up(spec, current, recommendation, wanted, panic)
     else:
-        floor = int(max(r.value for r in recommendations))
         slow = summary.waiting > 0 and (summary.ttft_p90_s or 0.0) > spec.ttft_target_seconds
-        young = now - since < spec.scale_down_stabilization_seconds
         blocked = ("metrics are missing or stale" if not metrics_available else "panic mode holds" if panic
                    else "requests wait with TTFT over target" if slow
-                   else "the stabilization window has not been observed yet" if young else None)
-        if floor >= current or blocked:
-            desired = current
-            reason = "Steady" if recommendation >= current else "ScaleDownBlocked"
-            why = (f"need {wanted:.2f} replicas, within tolerance of {current}" if recommendation >= current
-                   else f"load fits on {recommendation} but " + (blocked or
-                        f"the last {spec.scale_down_stabilization_seconds:.0f} s recommended up to {floor}"))
-        else:
-            desired = max(floor, min(current - 1, math.ceil(current / spec.max_scale_down_rate)))
-            reason = "ScaleDown"
-            why = (f"need {wanted:.2f} replicas: the load fits on {desired} (highest recommendation of the last "
-                   f"{spec.scale_down_stabilization_seconds:.0f} s: {floor})")
+                   else "the stabilization window has not been observed yet"
+                   if now - since < spec.scale_down_stabilization_seconds else None)
+        desired, reason, why = _hold_or_scale_down(spec, current, recommendation, recommendations, wanted, blocked)
     desired = min(max(desired, spec.min_replicas), spec.max_replicas)
     if desired != current and reason in ("Steady", "ScaleDownBlocked"):
         reason, why = "OutOfBounds", f"replicas moved into [{spec.min_replicas}, {spec.max_replicas}]"
-    message = (f"{current} -> {desired}: {why} (tokens {summary.demand_tokens_per_s:.0f}/s of "
-               f"{summary.capacity_tokens_per_s:.0f}/s per replica, concurrency {summary.demand_concurrency:.1f}"
-               + (f" of {summary.capacity_concurrency:.1f}" if summary.capacity_concurrency else "")
-               + f" per replica; {metrics_message})")
+    per_slots = f" (a replica: {summary.capacity_concurrency:.1f})" if summary.capacity_concurrency else ""
+    message = (f"{current} -> {desired}: {why}; demand {summary.demand_tokens_per_s:.0f} tokens/s (a replica: "
+               f"{summary.capacity_tokens_per_s:.0f}), {summary.demand_concurrency:.1f} concurrent requests"
+               f"{per_slots}; {metrics_message}")
     state = state.model_copy(update={"needs": needs[-HISTORY_LIMIT:], "recommendations": recommendations[
         -HISTORY_LIMIT:], "panic_until": panic_until, "since": since})
     return Decision(desired, current, reason, message, metrics_available, metrics_message, summary, state)
+
+
+def _scale_up(spec: AutoscalingSpec, current: int, recommendation: int, wanted: float,
+              panic: bool) -> tuple[int, str, str]:
+    """Up to the recommendation, bounded per decision unless in panic."""
+    limit = spec.max_replicas if panic else max(math.ceil(current * spec.max_scale_up_rate),
+                                                current + spec.max_scale_up_pods)
+    desired = min(recommendation, limit)
+    why = f"need {wanted:.2f} replicas" + (", panic mode" if panic else "")
+    if desired < recommendation:
+        why += f"; at most {desired} in one step"
+    return desired, "PanicScaleUp" if panic else "ScaleUp", why
+
+
+def _hold_or_scale_down(spec: AutoscalingSpec, current: int, recommendation: int,
+                        recommendations: list[TimedValue], wanted: float,
+                        blocked: str | None) -> tuple[int, str, str]:
+    """Down to the highest recommendation of the stabilization window, bounded per decision, unless blocked."""
+    if recommendation >= current:
+        return current, "Steady", f"need {wanted:.2f} replicas, within tolerance of {current}"
+    floor = int(max(r.value for r in recommendations))
+    window = f"{spec.scale_down_stabilization_seconds:g} s"
+    if blocked or floor >= current:
+        because = blocked or f"the last {window} recommended up to {floor}"
+        return current, "ScaleDownBlocked", f"need {wanted:.2f} replicas, the load fits on {recommendation}, but " \
+                                            f"{because}"
+    desired = max(floor, min(current - 1, math.ceil(current / spec.max_scale_down_rate)))
+    why = f"need {wanted:.2f} replicas: the load fits on {floor} (the most recommended in the last {window})"
+    if desired > floor:
+        why += f"; at most {current - desired} fewer in one step"
+    return desired, "ScaleDown", why
 
 
 def _metrics_message(ready: int, missing: int, unrated: int) -> str:

@@ -4,6 +4,8 @@ schema the CRD is generated from documents every field and carries the cross-fie
 from __future__ import annotations
 
 import random
+import re
+from pathlib import Path
 
 import pytest
 from kvbuffer.operator.autoscaling.config import AutoscalingSpec
@@ -63,3 +65,15 @@ def test_the_generated_schema_documents_every_field_with_its_range() -> None:
     assert rule["rule"] == ("(has(self.panicWindowSeconds) ? self.panicWindowSeconds : 10.0) <= "
                             "(has(self.stableWindowSeconds) ? self.stableWindowSeconds : 60.0)")
     assert schema["additionalProperties"] is False
+
+
+def test_docs_list_every_knob_with_its_default() -> None:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "AUTOSCALING.md").read_text()
+    knobs = text.split("## The knobs", 1)[1].split("\n## ", 1)[0]
+    for name, field in AutoscalingSpec.model_fields.items():
+        match = re.search(rf"`{field.alias}` \(([^)]*)\)", knobs)
+        assert match, f"{field.alias} is not listed in docs/AUTOSCALING.md, 'The knobs'"
+        if name == "enabled":
+            assert match.group(1) == "false"
+        elif isinstance(field.default, int | float):
+            assert float(match.group(1)) == field.default, field.alias

@@ -62,7 +62,7 @@ class AutoscalingSpec(_CamelModel):
     max_replicas: int = Field(4, ge=1, le=1000, description="most replicas, 1..1000, >= minReplicas")
     sync_period_seconds: float = Field(15.0, ge=1, le=300, description="seconds between two decisions "
                                        "(scrape, decide, apply), 1..300")
-    target_utilization: float = Field(0.8, ge=0.1, le=1.0, description="share of each replica's estimated "
+    target_utilization: float = Field(0.75, ge=0.1, le=1.0, description="share of each replica's estimated "
                                       "capacity (decode tokens/s and concurrent requests) the policy sizes the "
                                       "fleet for, 0.1..1; the rest is headroom for bursts")
     ttft_target_seconds: float = Field(2.0, gt=0, le=600, description="time-to-first-token objective, "

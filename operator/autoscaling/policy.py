@@ -53,7 +53,7 @@ class PolicyState(_CamelModel):
 
     since: float | None = None  # epoch seconds of the first decision remembered: windows are full from then on
     needs: list[TimedValue] = Field(default_factory=list)  # replicas needed, within the stable window
-    recommendations: list[TimedValue] = Field(default_factory=list)  # within the scale-down stabilization window
+    recommendations: list[TimedValue] = Field(default_factory=list)  # the stabilization window's, decreasing
     panic_until: float | None = None  # epoch seconds; panic mode holds until then
     capacity_factor: dict[str, float] = Field(default_factory=lambda: dict.fromkeys(PATHS, 1.0))  # learned / prior
     mix: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_MIX))  # last seen share of tokens by path
@@ -161,8 +161,9 @@ def decide(spec: AutoscalingSpec, observation: FleetObservation, state: PolicySt
     within = current > 0 and abs(wanted / current - 1) <= spec.tolerance
     recommendation = current if within else math.ceil(wanted - 1e-9)
     recommendation = min(max(recommendation, spec.min_replicas), spec.max_replicas)
-    recommendations = _within([*state.recommendations, TimedValue(at=now, value=recommendation)], now,
-                              spec.scale_down_stabilization_seconds)
+    # only what could still be the window's highest: older entries no higher than a newer one are dropped
+    recommendations = _within([*(r for r in state.recommendations if r.value > recommendation),
+                               TimedValue(at=now, value=recommendation)], now, spec.scale_down_stabilization_seconds)
 
     if recommendation > current:
         desired, reason, why = _scale_up(spec, current, recommendation, wanted, panic)

@@ -45,6 +45,7 @@ TTFT_TARGET_S = 2.0  # the SLO: a second is violated when over 5% of the request
 VIOLATING_SHARE = 0.05
 COLD_START_S = 90.0  # schedule + load 160 GB of weights at ~2.5 GB/s + warm-up and graph capture (assumed)
 DT = 0.5  # simulation step, seconds
+WARMUP_S = 120.0  # policies watch the fleet fill up before their first decision
 MIN_REPLICAS, MAX_REPLICAS = 1, 16
 
 # docs/BENCHMARKS.md, "Engine": decode step (ms) by path at batch 1, 8, 64, 256.
@@ -78,7 +79,8 @@ class Replica:
         self.length = np.zeros(0)
         self.slots = np.zeros(2, dtype=np.int64)
         self.decoded = np.zeros(3)
-        self.output_tokens = self.finished = self.ok = self.refused = self.duration_ok = 0.0
+        self.first_token = np.zeros(0)
+        self.output_tokens = self.finished = self.ok = self.refused = self.tpot_sum = 0.0
         self.ttft_sum = 0.0
         self.ttft_counts = np.zeros(len(TTFT_BUCKETS))
 
@@ -113,6 +115,7 @@ class Replica:
         counts = np.bincount(self.path, minlength=3)
         step = step_seconds(counts)
         if admitted:
+            self.first_token = np.concatenate([self.first_token, np.full(len(arrival), now + step)])
             ttft = now - arrival + step
             self.ttft_sum += ttft.sum()
             self.ttft_count_add(ttft)
@@ -127,11 +130,12 @@ class Replica:
             self.finished += n
             self.ok += n
             self.output_tokens += self.length[done].sum()
-            self.duration_ok += (now + DT - self.arrival[done]).sum()
+            self.tpot_sum += ((now + DT - self.first_token[done]) / (self.length[done] - 1)).sum()
             self.slots -= SLOTS[self.path[done]].sum(axis=0)
             keep = ~done
             self.remaining, self.path = self.remaining[keep], self.path[keep]
             self.arrival, self.length = self.arrival[keep], self.length[keep]
+            self.first_token = self.first_token[keep]
 
     def ttft_count_add(self, ttft: np.ndarray) -> None:
         self.ttft_counts += np.bincount(np.searchsorted(TTFT_BUCKETS, ttft), minlength=len(TTFT_BUCKETS))
@@ -143,7 +147,7 @@ class Replica:
         return ReplicaSample(
             at=at, decoded_tokens=dict(zip(PATHS, self.decoded.tolist(), strict=True)),
             output_tokens=self.output_tokens, requests_finished=self.finished, requests_ok=self.ok,
-            requests_refused=self.refused, duration_ok_sum=self.duration_ok, ttft_sum=self.ttft_sum,
+            requests_refused=self.refused, tpot_sum=self.tpot_sum, tpot_count=self.ok, ttft_sum=self.ttft_sum,
             ttft_count=float(cumulative[-1]), ttft_buckets=tuple(zip(TTFT_BUCKETS, cumulative.tolist(), strict=True)),
             running=float(counts.sum()), waiting=float(len(self.queue)), inflight=float(self.in_system()),
             state_slots_used=float(self.slots[0]), state_slots_total=STATE_SLOTS,
@@ -300,11 +304,12 @@ class AibrixKpa(Policy):
     period = 2.0
     target, stable_s, panic_s, threshold, delay_s = 205.0, 60.0, 6.0, 2.0, 300.0
 
-    def __init__(self) -> None:
+    def __init__(self, start: int) -> None:
         self.samples: deque[tuple[float, float]] = deque()
-        self.panic_time: float | None = None
-        self.max_panic = 0
-        self.delayed: deque[tuple[float, int]] = deque()
+        # as AIBrix and Knative do: start in panic mode above one pod, so that no history means no scale-down
+        self.panic_time: float | None = 0.0 if start > 1 else None
+        self.max_panic = start
+        self.delayed: deque[tuple[float, int]] = deque([(0.0, start)])
         self.last_sample = -math.inf
 
     def observe(self, fleet: Fleet, now: float) -> None:
@@ -405,7 +410,7 @@ def simulate(trace: Trace, policy: Policy, seed: int) -> Result:
     slo = SloBook(trace.seconds)
     timeline = np.zeros((trace.seconds, 2))
     changes: list[int] = []
-    next_decision = policy.period
+    next_decision = WARMUP_S
     for tick in range(int(trace.seconds / DT)):
         now = tick * DT
         n = rng.poisson(trace.rate(now) * DT)
@@ -436,7 +441,7 @@ def policies(start: int) -> list[Policy]:
     """The three policies, each taking over a fleet of `start` replicas."""
     spec = AutoscalingSpec(enabled=True, min_replicas=MIN_REPLICAS, max_replicas=MAX_REPLICAS,
                            ttft_target_seconds=TTFT_TARGET_S)
-    return [KVBufferPolicy(spec), HpaOnWaiting(start), AibrixKpa()]
+    return [KVBufferPolicy(spec), HpaOnWaiting(start), AibrixKpa(start)]
 
 
 def table(runs: list[list[Result]]) -> str:

@@ -118,8 +118,9 @@ def test_decisions_follow_load_staleness_and_quiet(replicas: dict[str, Replica])
 
     b.process.send_signal(signal.SIGSTOP)  # pod-b hangs but still counts as ready: its metrics grow stale
     try:
-        stale_until = time.time() + SPEC.metrics_staleness_seconds + SPEC.scale_down_stabilization_seconds + 1
-        while time.time() < stale_until:
+        time.sleep(SPEC.metrics_staleness_seconds)
+        stale_until = time.time() + SPEC.scale_down_stabilization_seconds + 1
+        while time.time() < stale_until:  # the load is gone and the window passes: still no scale-down
             decision = operator.round(serving)
             assert decision.direction != "down", decision.message
         assert decision.metrics_available is False and "pod-b" in operator.scraper.errors

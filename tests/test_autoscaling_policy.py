@@ -80,8 +80,8 @@ class Load:
             at = now - 1000.0 if i < stale else now
             sample = ReplicaSample(
                 at=at, decoded_tokens={}, output_tokens=0, requests_finished=0, requests_ok=0, requests_refused=0,
-                duration_ok_sum=0, ttft_sum=0, ttft_count=0, ttft_buckets=(), running=running, waiting=self.waiting,
-                inflight=running + self.waiting,
+                tpot_sum=0, tpot_count=0, ttft_sum=0, ttft_count=0, ttft_buckets=(), running=running,
+                waiting=self.waiting, inflight=running + self.waiting,
                 state_slots_used=running * sum(s * SLOTS[p][0] for p, s in self.mix), state_slots_total=STATE_SLOTS,
                 buffer_slots_used=running * sum(s * SLOTS[p][1] for p, s in self.mix),
                 buffer_slots_total=BUFFER_SLOTS)
@@ -365,7 +365,7 @@ def test_saturated_replicas_teach_the_capacity_of_their_path(rng: random.Random)
     state = PolicyState()
     for n in range(1, 6):
         sample = ReplicaSample(at=100.0 * n, decoded_tokens={}, output_tokens=0, requests_finished=0,
-                               requests_ok=0, requests_refused=0, duration_ok_sum=0, ttft_sum=0, ttft_count=0,
+                               requests_ok=0, requests_refused=0, tpot_sum=0, tpot_count=0, ttft_sum=0, ttft_count=0,
                                ttft_buckets=(), running=8, waiting=5, inflight=13, state_slots_used=8,
                                state_slots_total=8, buffer_slots_used=8, buffer_slots_total=8)
         rates = Rates(interval_s=PERIOD, decode_tokens_per_s={"stateless": 0.0, "buffered": observed,

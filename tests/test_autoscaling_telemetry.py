@@ -49,6 +49,9 @@ class ServedReplica:
         self.ok_durations = [rng.uniform(0.1, 60.0) for _ in range(rng.randint(5, 30))]
         for d in self.ok_durations:
             self.telemetry.duration.record(d, {"method": rng.choice(["Generate", "GenerateUnary"]), "status": "OK"})
+        self.tpots = [rng.uniform(0.001, 0.2) for _ in range(len(self.ok_durations) - 1)]
+        for tpot in self.tpots:
+            self.telemetry.tpot.record(tpot)
         self.refused = rng.randint(1, 20)
         for _ in range(self.refused):
             self.telemetry.duration.record(0.001, {"method": "Generate", "status": "RESOURCE_EXHAUSTED"})
@@ -81,7 +84,7 @@ def test_the_service_exposition_parses_into_the_values_it_was_fed(rng: random.Ra
     assert sample.requests_ok == len(replica.ok_durations)
     assert sample.requests_refused == replica.refused
     assert sample.requests_finished == len(replica.ok_durations) + replica.refused
-    assert sample.duration_ok_sum == pytest.approx(sum(replica.ok_durations))
+    assert (sample.tpot_count, sample.tpot_sum) == (len(replica.tpots), pytest.approx(sum(replica.tpots)))
     assert sample.output_tokens == replica.output_tokens
     assert (sample.ttft_count, sample.ttft_sum) == (len(replica.ttfts), pytest.approx(sum(replica.ttfts)))
     expected = [sum(t <= le for t in replica.ttfts) for le in (*TTFT_BOUNDS, math.inf)]
@@ -106,8 +109,8 @@ def test_a_fresh_replica_without_requests_reads_as_zero_and_text_without_kvbuffe
 
 def _sample(rng: random.Random, at: float, **values: float) -> ReplicaSample:
     base = {name: rng.uniform(1, 1000) for name in (
-        "output_tokens", "requests_finished", "requests_ok", "requests_refused", "duration_ok_sum", "ttft_sum",
-        "ttft_count", "running", "waiting", "inflight", "state_slots_used", "state_slots_total",
+        "output_tokens", "requests_finished", "requests_ok", "requests_refused", "tpot_sum", "tpot_count",
+        "ttft_sum", "ttft_count", "running", "waiting", "inflight", "state_slots_used", "state_slots_total",
         "buffer_slots_used", "buffer_slots_total")}
     decoded = {p: values.pop(p, rng.uniform(1, 10**5)) for p in PATHS}
     return ReplicaSample(at=at, decoded_tokens=decoded, ttft_buckets=values.pop("buckets", ()), **{**base, **values})
@@ -117,7 +120,7 @@ def test_rates_are_counter_increases_over_the_interval(rng: random.Random) -> No
     a = _sample(rng, at=100.0)
     dt = rng.uniform(5, 30)
     grow = {name: getattr(a, name) + rng.uniform(1, 500) for name in (
-        "output_tokens", "requests_ok", "requests_refused", "duration_ok_sum", "ttft_sum", "ttft_count")}
+        "output_tokens", "requests_ok", "requests_refused", "tpot_sum", "tpot_count", "ttft_sum", "ttft_count")}
     finished = a.requests_finished + (grow["requests_ok"] - a.requests_ok) + (grow["requests_refused"]
                                                                               - a.requests_refused)
     decoded = {p: a.decoded_tokens[p] + rng.uniform(1, 10**4) for p in PATHS}
@@ -132,7 +135,8 @@ def test_rates_are_counter_increases_over_the_interval(rng: random.Random) -> No
     assert r.tokens_per_request == pytest.approx((grow["output_tokens"] - a.output_tokens) / ok)
     ttft = (grow["ttft_sum"] - a.ttft_sum) / (grow["ttft_count"] - a.ttft_count)
     assert r.ttft_mean_s == pytest.approx(ttft)
-    assert r.service_time_s == pytest.approx(max(0.0, (grow["duration_ok_sum"] - a.duration_ok_sum) / ok - ttft))
+    tpot = (grow["tpot_sum"] - a.tpot_sum) / (grow["tpot_count"] - a.tpot_count)
+    assert r.service_time_s == pytest.approx(tpot * r.tokens_per_request)
     assert rates_between(b, a) is None  # time must move forward
 
 

@@ -37,7 +37,8 @@ class ReplicaSample:
     requests_finished: float  # kvbuffer_request_duration_seconds_count, every method and status
     requests_ok: float  # ... {status="OK"}
     requests_refused: float  # ... {status="RESOURCE_EXHAUSTED"}
-    duration_ok_sum: float  # kvbuffer_request_duration_seconds_sum{status="OK"}
+    tpot_sum: float  # kvbuffer_request_time_per_output_token_seconds_sum: one value per request of 2+ tokens
+    tpot_count: float
     ttft_sum: float
     ttft_count: float
     ttft_buckets: tuple[tuple[float, float], ...]  # (upper bound, cumulative count), ascending, +Inf last
@@ -90,7 +91,8 @@ def parse_metrics(text: str, at: float) -> ReplicaSample:
         requests_finished=total(f"{duration}_count"),
         requests_ok=total(f"{duration}_count", status="OK"),
         requests_refused=total(f"{duration}_count", status="RESOURCE_EXHAUSTED"),
-        duration_ok_sum=total(f"{duration}_sum", status="OK"),
+        tpot_sum=total("kvbuffer_request_time_per_output_token_seconds_sum"),
+        tpot_count=total("kvbuffer_request_time_per_output_token_seconds_count"),
         ttft_sum=total("kvbuffer_request_time_to_first_token_seconds_sum"),
         ttft_count=total("kvbuffer_request_time_to_first_token_seconds_count"),
         ttft_buckets=tuple(buckets),
@@ -141,7 +143,7 @@ class Rates:
     arrivals_per_s: float  # requests received: finished (any status, refusals included) + growth of in-flight
     refused_per_s: float
     tokens_per_request: float | None  # output tokens per finished OK request; None without one
-    service_time_s: float | None  # mean time a request holds a running slot (duration - TTFT) of OK ones
+    service_time_s: float | None  # mean time a request decodes: time per output token x tokens per request
     ttft_mean_s: float | None
     ttft_p90_s: float | None
 
@@ -159,21 +161,22 @@ def rates_between(before: ReplicaSample, after: ReplicaSample) -> Rates | None:
     def inc(name: str) -> float:
         return _increase(getattr(before, name), getattr(after, name))
 
-    ok, ttft_count = inc("requests_ok"), inc("ttft_count")
+    ok, ttft_count, tpot_count = inc("requests_ok"), inc("ttft_count"), inc("tpot_count")
+    per_request = inc("output_tokens") / ok if ok > 0 else None
     ttft_mean = inc("ttft_sum") / ttft_count if ttft_count > 0 else None
     restarted = after.ttft_count < before.ttft_count
     earlier = {} if restarted else dict(before.ttft_buckets)
     buckets = [(le, count - earlier.get(le, 0.0)) for le, count in after.ttft_buckets]
-    service = None
-    if ok > 0:
-        service = max(0.0, inc("duration_ok_sum") / ok - (ttft_mean or 0.0))
+    # Decode time from the finished requests' own pace, not duration - TTFT: those two means cover different
+    # requests (those that finished, those that started), which over- or underestimates while a queue changes.
+    service = inc("tpot_sum") / tpot_count * per_request if tpot_count > 0 and per_request else None
     return Rates(
         interval_s=dt,
         decode_tokens_per_s={p: _increase(before.decoded_tokens.get(p, 0.0), after.decoded_tokens.get(p, 0.0)) / dt
                              for p in PATHS},
         arrivals_per_s=max(0.0, inc("requests_finished") + after.inflight - before.inflight) / dt,
         refused_per_s=inc("requests_refused") / dt,
-        tokens_per_request=inc("output_tokens") / ok if ok > 0 else None,
+        tokens_per_request=per_request,
         service_time_s=service,
         ttft_mean_s=ttft_mean,
         ttft_p90_s=_quantile(0.9, buckets),

@@ -8,9 +8,9 @@ Per decision (docs/AUTOSCALING.md has the derivation and the reasons behind each
    slots per request its running requests hold now (a recurrent request with drafts holds more state than a
    buffered one).
 2. Demand, summed over replicas with fresh metrics. Concurrency: arrivals x time in service (Little's law,
-   so a queue that grows during a model load is not counted again and again), at least what runs now, plus
-   the backlog drained within one stable window (dropped while replicas are starting: they will drain it).
-   Tokens/s: arrivals x tokens per request, at least what is decoded now.
+   so a queue that grows during a model load is not counted again and again), plus the backlog drained within
+   one stable window (dropped while replicas are starting: they will drain it). Tokens/s: arrivals x tokens per
+   request, plus the same backlog term.
 3. Replicas needed = max(tokens demand / tokens capacity, concurrency demand / concurrency capacity) /
    targetUtilization, a fraction; averaged over the stable window (down) and the panic window (up).
 4. Recommendation: unchanged within the tolerance band, else ceil(needed): a scale-down only when the load
@@ -285,23 +285,21 @@ def _observe(spec: AutoscalingSpec, loads: list[ReplicaLoad], state: PolicyState
 def _replica_demand(load: ReplicaLoad, starting: int, drain_s: float) -> tuple[float, float]:
     """(tokens/s, concurrent requests) one replica is asked for.
 
-    With rates: arrivals x tokens per request and arrivals x time in service, at least what it serves now, plus
-    its queue drained within drain_s unless replicas are starting (they will drain it: counting a queue that grows
-    during a model load again at every decision is what doubles a fleet 2 -> 4 -> 8). Without rates (one sample
-    so far): what runs and waits now."""
+    With rates: arrivals x tokens per request and arrivals x time in service, plus its queue drained within
+    drain_s unless replicas are starting (they will drain it: counting a queue that grows during a model load again
+    at every decision is what doubles a fleet 2 -> 4 -> 8). Not what it runs now: while a backlog drains on old
+    replicas and a balancer sends the new arrivals to new ones, that would count the same work twice. Without
+    rates (one sample so far): what runs and waits now."""
     s, r = load.sample, load.rates
     in_system = s.running + s.waiting
     drain = 0.0 if starting else s.waiting / drain_s
     if r is None:
         return 0.0, in_system
-    if r.service_time_s is None:
-        concurrency = in_system
-    else:
-        concurrency = max(r.arrivals_per_s * r.service_time_s, s.running) + drain * r.service_time_s
+    concurrency = in_system if r.service_time_s is None else (r.arrivals_per_s + drain) * r.service_time_s
     if r.tokens_per_request is None:
         tokens = r.decode_per_s * (in_system / s.running if s.running > 0 and not starting else 1.0)
     else:
-        tokens = max(r.arrivals_per_s * r.tokens_per_request, r.decode_per_s) + drain * r.tokens_per_request
+        tokens = (r.arrivals_per_s + drain) * r.tokens_per_request
     return tokens, concurrency
 
 

@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC server", description=(
         "Serve the kvbuffer.v1 gRPC API (with grpc.health.v1 and reflection) and Prometheus metrics. SIGTERM "
-        "drains: health NOT_SERVING, new requests refused, in-flight ones finish within the grace period."))
+        "or Ctrl-C drains: health NOT_SERVING, new requests refused, in-flight ones finish within the grace period "
+        "(those still running then end with finish reason CANCELLED); a second signal exits at once."))
     serve.add_argument("--config", type=Path, default=os.environ.get(f"{ENV_PREFIX}CONFIG"), metavar="FILE",
                        help="YAML (.yaml, .yml) or TOML (.toml) file of settings, keyed like the flags' names "
                             "with underscores (buffer_size: 64; tls: {cert_file: ...}); overrides the "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import io
 import logging
 import os
@@ -105,10 +106,12 @@ def settings_values(namespace: argparse.Namespace, model: type[BaseModel]) -> di
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvbuffer", description="KVBuffer inference service.")
+    parser.add_argument("--version", action="version", version=f"kvbuffer {importlib.metadata.version('kvbuffer')}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC server", description=(
         "Serve the kvbuffer.v1 gRPC API (with grpc.health.v1 and reflection) and Prometheus metrics. SIGTERM "
-        "drains: health NOT_SERVING, new requests refused, in-flight ones finish within the grace period."))
+        "or Ctrl-C drains: health NOT_SERVING, new requests refused, in-flight ones finish within the grace period "
+        "(those still running then end with finish reason CANCELLED); a second signal exits at once."))
     serve.add_argument("--config", type=Path, default=os.environ.get(f"{ENV_PREFIX}CONFIG"), metavar="FILE",
                        help="YAML (.yaml, .yml) or TOML (.toml) file of settings, keyed like the flags' names "
                             "with underscores (buffer_size: 64; tls: {cert_file: ...}); overrides the "
@@ -126,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from kvbuffer.service.server.app import StartupError, serve
+    """Serves until drained; then the process ends at once (it does not return)."""
+    from kvbuffer.service.server.app import StartupError, exit_now, serve
 
     settings = load_settings(settings_values(args, ServiceSettings), args.config)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -135,7 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
     except StartupError as exc:
         print(f"kvbuffer serve: error: {exc}", file=sys.stderr)
         return 1
-    return 0
+    exit_now(0)  # everything is stopped and flushed: nothing is left for the interpreter's teardown to do
 
 
 async def _stream(settings: GenerateSettings, prompt: str) -> None:

@@ -138,20 +138,6 @@ def test_duplicate_request_id_is_refused():
     assert run(body) == "request_id"
 
 
-def test_full_waiting_queue_refuses_with_overloaded():
-    async def body(engine):
-        with engine._lock:  # hold the step loop so that queued requests stay waiting
-            waiting = engine.generate(request("w", [1, 2, 3], max_new_tokens=4))
-            pending = asyncio.ensure_future(anext(waiting))
-            await asyncio.sleep(0)
-            with pytest.raises(OverloadedError):
-                await anext(engine.generate(request("x", [1, 2], max_new_tokens=4)))
-        await pending
-        await waiting.aclose()
-
-    run(body, max_waiting_requests=1)
-
-
 def test_a_failing_step_ends_its_requests_with_error_and_the_engine_goes_on(monkeypatch):
     async def body(engine):
         runner = engine._core.runner
@@ -207,3 +193,67 @@ def test_a_failing_engine_thread_ends_every_request_with_error(monkeypatch):
         return [last.finish_reason for _, _, last in results], engine.healthy, told
 
     assert run(body) == (["error"] * 3, False, ["before", "after"])
+
+
+def test_requests_are_refused_only_when_running_and_waiting_are_both_full():
+    """With the step loop held, nothing is scheduled yet: the engine still takes max_running_requests +
+    max_waiting_requests requests (their running slots are free), and refuses the one after."""
+    async def body(engine):
+        streams, pending = [], []
+        with engine._lock:
+            for i in range(3 + 2):
+                streams.append(engine.generate(request(f"r{i}", [1, 2, i], max_new_tokens=4)))
+                pending.append(asyncio.ensure_future(anext(streams[-1])))
+                await asyncio.sleep(0)
+            assert not any(p.done() for p in pending)
+            with pytest.raises(OverloadedError):
+                await anext(engine.generate(request("over", [1, 2], max_new_tokens=4)))
+        await asyncio.gather(*pending)
+        for stream in streams:
+            await stream.aclose()
+
+    run(body, max_running_requests=3, max_waiting_requests=2)
+
+
+def test_consecutive_failed_steps_make_the_engine_unhealthy(monkeypatch):
+    """Every step fails: a few failures end their requests with "error" and the engine goes on (it may be one bad
+    request); MAX_CONSECUTIVE_FAILED_STEPS in a row make it unhealthy for good, as the engine thread dying does."""
+    from kvbuffer.service.engine.engine import MAX_CONSECUTIVE_FAILED_STEPS
+
+    async def body(engine):
+        told = []
+        engine.on_failure(lambda: told.append("failed"))
+
+        def broken(batch):
+            raise RuntimeError("injected failure")
+
+        monkeypatch.setattr(engine._core.runner, "run", broken)
+        reasons, health = [], []
+        for i in range(MAX_CONSECUTIVE_FAILED_STEPS):
+            _, _, last = await collect(engine, request(f"r{i}", [1, 2, 3], max_new_tokens=4))
+            reasons.append(last.finish_reason)
+            health.append(engine.healthy)
+        with pytest.raises(EngineFailedError):
+            await anext(engine.generate(request("late", [1, 2, 3], max_new_tokens=4)))
+        return reasons, health, told, engine.stats()
+
+    reasons, health, told, stats = run(body)
+    assert reasons == ["error"] * MAX_CONSECUTIVE_FAILED_STEPS
+    assert health == [True] * (MAX_CONSECUTIVE_FAILED_STEPS - 1) + [False] and told == ["failed"]
+    assert (stats.running_requests, stats.buffer_slots_used) == (0, 0)
+
+
+def test_an_accelerator_error_makes_the_engine_unhealthy_at_once(monkeypatch):
+    """A CUDA error (torch.AcceleratorError: the device context is lost, nothing will run on it again) is
+    persistent at the first failure. Injected: there is no GPU here to fail for real."""
+    import torch
+
+    async def body(engine):
+        def broken(batch):
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+        monkeypatch.setattr(engine._core.runner, "run", broken)
+        _, _, last = await collect(engine, request("r", [1, 2, 3], max_new_tokens=4))
+        return last.finish_reason, engine.healthy
+
+    assert run(body) == ("error", False)

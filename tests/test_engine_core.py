@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from kvbuffer.service.engine import core as core_module
 from qwen3_next_cases import fresh_seed, make_core, request, run_to_end
 
 
@@ -168,3 +169,51 @@ def test_the_plan_counts_the_bytes_the_pools_allocate():
         block = sum(2 * plan.block_size * layer.k_cache[0].numel() * layer.k_cache.element_size()
                     for layer in model.attention_layers())
         assert (plan.request_slot_bytes, plan.state_slot_bytes, plan.kv_block_bytes) == (request, state, block), mode
+
+
+def test_a_seed_fixes_the_sample_whatever_else_runs(monkeypatch):
+    """A seeded request at temperature 1 with drafts gives the same tokens alone, beside requests that take the
+    step's token budget first (its drafts cut short), beside requests that preempt it, and without speculation:
+    its randomness comes from its seed and each token's output position only. The drafter proposes the context's
+    last tokens: a random model's samples seldom repeat, so n-gram lookup would seldom propose anything."""
+    monkeypatch.setattr(core_module, "propose_ngram", lambda tokens, k: tokens[-k:] if k > 0 else [])
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    (prompt,) = random_prompts(seed, 1, 10, 20)
+    others = random_prompts(seed + 1, 3, 26, 40)
+    params = {"max_new_tokens": 20, "temperature": 1.0, "seed": rng.randrange(2**64), "ignore_eos": True}
+    spec = {"speculative_algorithm": "ngram", "speculative_num_draft_tokens": 4}
+
+    def sample(arrivals: dict[int, list], **settings) -> tuple[list[int], object]:
+        core = make_core(**settings)
+        return run_to_end(core, arrivals)["s"].token_ids, core
+
+    alone, core = sample({0: [request("s", prompt, **params)]}, **spec)
+    assert core.stats().drafted_tokens > 0, f"seed {seed}"
+    crowd = [request(f"o{i}", p, max_new_tokens=20, ignore_eos=True, temperature=0.8) for i, p in enumerate(others)]
+    budget, _ = sample({0: crowd, 1: [request("s", prompt, **params)]}, max_num_batched_tokens=6, **spec)
+    assert budget == alone, f"seed {seed}: the token budget changed a seeded sample"
+    crowd = [request(f"o{i}", p, max_new_tokens=20, ignore_eos=True) for i, p in enumerate(others)]
+    preempted, core = sample({0: [request("s", prompt, **params), *crowd]}, max_context_length=96,
+                             memory_budget_bytes=96 * 2 * 2 * 16 * 4 + 4 * 160_000, **spec)
+    assert core.scheduler.preemptions > 0, f"seed {seed}"
+    assert preempted == alone, f"seed {seed}: preemption changed a seeded sample"
+    plain, _ = sample({0: [request("s", prompt, **params)]})
+    assert plain == alone, f"seed {seed}: speculation changed a seeded sample"
+
+
+def test_requests_without_a_seed_are_random_across_restarts():
+    """Two engines started alike (the same `seed` setting) give the same unseeded request different samples."""
+    seed = fresh_seed()
+    (prompt,) = random_prompts(seed, 1)
+    params = {"max_new_tokens": 24, "temperature": 1.5, "ignore_eos": True}
+    samples = [run_to_end(make_core(), {0: [request("u", prompt, **params)]})["u"].token_ids for _ in range(2)]
+    assert samples[0] != samples[1]  # 24 draws at temperature 1.5 over 257 tokens: equal only by a freak chance
+
+
+def test_the_prefill_of_a_prompt_past_the_buffer_counts_its_token_as_buffered():
+    """A prompt longer than buffer_size is prefilled into a checkpoint: the token it yields is not stateless."""
+    seed = fresh_seed()
+    (prompt,) = random_prompts(seed, 1, 100, 200)
+    out = run_to_end(make_core(), {0: [request("p", prompt, max_new_tokens=1)]})["p"]
+    assert out.stats.tokens_by_path == {"stateless": 0, "buffered": 1, "recurrent": 0}, f"seed {seed}"

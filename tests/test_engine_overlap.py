@@ -135,3 +135,49 @@ def test_a_step_failing_after_its_read_back_still_ends_the_requests_it_finished(
     ended = dict(core.abort_all("error"))
     assert ended["x"].finish_reason == "length" and ended["y"].finish_reason == "error", f"seed {seed}"
     assert len(streamed) + len(ended["x"].token_ids) == 3 and all_free(core), f"seed {seed}"
+
+
+def test_a_request_whose_last_token_is_on_the_device_still_counts_as_running():
+    """A request whose last token is in flight has left the schedule, but it still holds its memory and its stream
+    is open: the running_requests gauge counts it until the token is read back."""
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    core = make_core(cuda_graph_max_batch=16, **SETTINGS)
+    req = request("x", [rng.randrange(256) for _ in range(10)], max_new_tokens=rng.randint(3, 12), ignore_eos=True)
+    core.add(req, core.validate(req))
+    seq = core.requests["x"]
+    while not (core._inflight and seq.num_tokens - seq.prompt_len == req.sampling.max_new_tokens):
+        core.step()
+    assert seq not in core.scheduler.running, f"seed {seed}"
+    stats = core.stats()
+    assert (stats.running_requests, stats.buffer_slots_used) == (1, 1), f"seed {seed}"
+    [(_, last)] = core.step()
+    assert last.finish_reason == "length" and core.stats().running_requests == 0, f"seed {seed}"
+
+
+def test_flushes_of_an_overlapped_step_count_for_a_request_ended_before_its_read_back():
+    """A request cancelled while the overlapped step that flushed its buffer is on the device: the flush happened,
+    so the engine's counter and the request's own statistics count it, as the synchronous engine does when
+    the request is cancelled after the same step."""
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    prompt = [rng.randrange(256) for _ in range(20)]  # past buffer_size: a checkpoint from the start
+
+    def flushing_step(core: EngineCore) -> bool:
+        inflight = core._inflight
+        return bool(inflight and any(s.seq.request_id == "x" and s.step.flush for s in inflight.batch))
+
+    core = make_core(cuda_graph_max_batch=16, **SETTINGS)
+    req = request("x", prompt, max_new_tokens=60, ignore_eos=True)
+    core.add(req, core.validate(req))
+    while not flushing_step(core):
+        core.step()
+    computed = core.requests["x"].num_computed
+    last = core.abort("x")
+    sync = make_core(cuda_graph_max_batch=0, **SETTINGS)
+    sync.add(req, sync.validate(req))
+    while sync.requests["x"].num_computed < computed:
+        sync.step()
+    want = sync.abort("x")
+    assert want.stats.flushes > 0, f"seed {seed}"
+    assert last.stats.flushes == want.stats.flushes == core.stats().flushes == sync.stats().flushes, f"seed {seed}"

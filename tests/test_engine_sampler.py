@@ -1,6 +1,7 @@
-"""The batched sampler against per-request oracles: filtering row by row, seeded draws exactly those of
-`torch.multinomial` on the request's own generator, tokens independent of the rest of the batch, and speculative
-acceptance that keeps the target distribution at every draft position."""
+"""The batched sampler against per-request oracles: filtering row by row, each output position's draw exactly
+that of `torch.multinomial` on a generator seeded from the request's seed and that position, tokens independent of
+the rest of the batch and of the drafts, and speculative acceptance that keeps the target distribution at every
+draft position."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import random
 import pytest
 import torch
 from kvbuffer.service.engine.api import SamplingParams
-from kvbuffer.service.engine.sampler import accept_greedy, choose, choose_batch, probabilities
+from kvbuffer.service.engine.sampler import accept_greedy, choose, choose_batch, probabilities, row_seed
 from qwen3_next_cases import fresh_seed
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -40,16 +41,17 @@ def random_params(rng: random.Random, V: int, greedy: float = 0.3) -> SamplingPa
                           top_p=rng.choice([1.0, rng.uniform(0.05, 1.0)]))
 
 
-def generators(seeds: list[int], device: str) -> list[torch.Generator]:
-    return [torch.Generator(device).manual_seed(s) for s in seeds]
+def random_requests(rng: random.Random, V: int, n: int) -> tuple[list[SamplingParams], list[int], list[int]]:
+    """n requests' sampling parameters, seeds (the whole uint64 range) and output positions."""
+    return ([random_params(rng, V) for _ in range(n)], [rng.randrange(2**64) for _ in range(n)],
+            [rng.randrange(4096) for _ in range(n)])
 
 
-def random_requests(rng: random.Random, V: int, n: int, device: str
-                    ) -> tuple[list[SamplingParams], list[torch.Generator], list[torch.Generator]]:
-    """n requests' sampling parameters and two identically seeded generators each (one for the oracle)."""
-    params = [random_params(rng, V) for _ in range(n)]
-    seeds = [rng.randrange(2**62) for _ in range(n)]
-    return params, generators(seeds, device), generators(seeds, device)
+def multinomial(row: torch.Tensor, p: SamplingParams, seed: int, position: int) -> int:
+    """The oracle: torch.multinomial on the request's filtered distribution, with a generator seeded for that
+    output position."""
+    generator = torch.Generator(row.device).manual_seed(row_seed(seed, position))
+    return int(torch.multinomial(reference_probabilities(row, p), 1, generator=generator))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -66,38 +68,37 @@ def test_batched_filtering_is_the_per_request_filtering(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_seeded_draws_are_those_of_multinomial_on_the_requests_generator(device):
+def test_each_positions_draw_is_multinomial_on_its_own_seed(device):
     """Requests without drafts over several steps, greedy ones and chunks that do not sample mixed in: each
-    sampled token is what `torch.multinomial` drew from the request's generator, which ends in the same state."""
+    sampled token is what `torch.multinomial` draws with a generator seeded row_seed(seed, position)."""
     seed = fresh_seed()
     rng = random.Random(seed)
     V, n = rng.randrange(2, 300), rng.randrange(1, 12)
-    params, gens, oracle_gens = random_requests(rng, V, n, device)
+    params, seeds, positions = random_requests(rng, V, n)
     for step in range(4):
         takes = [rng.choice([0, 1, 1]) for _ in range(n)]
         spans = [(sum(takes[:i]), k) for i, k in enumerate(takes)]
         logits = torch.randn(max(sum(takes), 1), V, generator=torch.Generator().manual_seed(seed + step)).to(device)
-        got = choose_batch(logits if sum(takes) else None, spans, [[] for _ in range(n)], params, gens)
+        got = choose_batch(logits if sum(takes) else None, spans, [[] for _ in range(n)], params, seeds, positions)
         for i, ((a, k), p) in enumerate(zip(spans, params, strict=True)):
             if k == 0:
                 want = []
             elif p.temperature == 0:
                 want = [int(logits[a].argmax())]
             else:
-                want = [int(torch.multinomial(reference_probabilities(logits[a], p), 1, generator=oracle_gens[i]))]
+                want = [multinomial(logits[a], p, seeds[i], positions[i])]
             assert got[i] == want, f"seed {seed}, step {step}, request {i}: {p}"
-    for g, o in zip(gens, oracle_gens, strict=True):
-        assert torch.equal(g.get_state(), o.get_state()), f"seed {seed}"
+        positions = [q + k for q, k in zip(positions, takes, strict=True)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_requests_tokens_do_not_depend_on_the_rest_of_the_batch(device):
-    """With drafts (argmax-heavy, so every acceptance count occurs): the batch gives each request what it gets
-    alone from a generator with its seed; greedy requests get the matching prefix of the argmax."""
+def test_a_requests_tokens_depend_on_neither_the_batch_nor_its_drafts(device):
+    """With drafts (target-heavy, so every acceptance count occurs): the batch gives each request what it gets alone,
+    which is the matching prefix of the tokens its positions draw without any draft."""
     seed = fresh_seed()
     rng = random.Random(seed)
     V, n = rng.randrange(3, 60), rng.randrange(2, 16)
-    params, gens, alone_gens = random_requests(rng, V, n, device)
+    params, seeds, positions = random_requests(rng, V, n)
     for step in range(3):
         logits, drafts, spans, start = [], [], [], 0
         for _ in range(n):
@@ -108,18 +109,20 @@ def test_a_requests_tokens_do_not_depend_on_the_rest_of_the_batch(device):
             spans.append((start, k))
             start += k
         batch = torch.cat(logits).to(device)
-        got = choose_batch(batch, spans, drafts, params, gens)
+        got = choose_batch(batch, spans, drafts, params, seeds, positions)
         for i, ((a, k), d, p) in enumerate(zip(spans, drafts, params, strict=True)):
             rows = batch[a:a + k]
-            want = [] if k == 0 else choose(rows, d, p, alone_gens[i])
+            want = [] if k == 0 else choose(rows, d, p, seeds[i], positions[i])
             assert got[i] == want, f"seed {seed}, step {step}, request {i}"
+            undrafted = [choose(rows[j:j + 1], [], p, seeds[i], positions[i] + j)[0] for j in range(k)]
+            assert want == accept_greedy(undrafted, d), f"seed {seed}, step {step}, request {i}"
             if k and p.temperature == 0:
-                assert want == accept_greedy(rows.argmax(-1).tolist(), d), f"seed {seed}"
+                assert undrafted == rows.argmax(-1).tolist(), f"seed {seed}"
 
 
 def test_speculative_acceptance_keeps_the_target_distribution_at_every_position():
-    """Copies of one request with two drafts, each on its own generator, in one batch with a greedy request and
-    a non-sampling chunk: the emitted token at position j, given drafts 0..j-1 were accepted, follows p_j."""
+    """Copies of one request with two drafts, each with its own seed, in one batch with a greedy request and a
+    non-sampling chunk: the emitted token at position j, given drafts 0..j-1 were accepted, follows p_j."""
     seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     V, n = 6, 6000
@@ -130,9 +133,10 @@ def test_speculative_acceptance_keeps_the_target_distribution_at_every_position(
     greedy = torch.randn(2, V, generator=gen)
     batch = torch.cat([greedy, logits.repeat(n, 1)])
     spans = [(0, 2), (2, 0)] + [(2 + 3 * i, 3) for i in range(n)]
-    gens = generators([int(torch.randint(2**62, (), generator=gen)) for _ in range(n)], "cpu")
+    rng = random.Random(seed)
     out = choose_batch(batch, spans, [[int(greedy[0].argmax())], [], *[drafts] * n],
-                       [SamplingParams(), SamplingParams(), *[params] * n], [None, None, *gens])
+                       [SamplingParams(), SamplingParams(), *[params] * n],
+                       [None, None, *[rng.randrange(2**64) for _ in range(n)]], [0, 0, *[0] * n])
     assert out[0] == greedy.argmax(-1).tolist() and out[1] == []
     emitted = out[2:]
     for j in range(3):

@@ -79,8 +79,9 @@ def test_acceptance_keeps_the_target_distribution():
     draft = int(torch.argsort(p, descending=True)[1])
     n = 4000
     counts = torch.zeros(6)
+    rng = random.Random(seed)
     for _ in range(n):
-        counts[choose(logits, [draft], params, gen)[0]] += 1
+        counts[choose(logits, [draft], params, rng.randrange(2**64))[0]] += 1
     assert (counts / n - p).abs().max() < 0.04, f"seed {seed}: {counts / n} vs {p}"
     assert counts[p == 0].sum() == 0  # filtered tokens are never emitted
 
@@ -93,3 +94,38 @@ def test_greedy_acceptance_takes_the_matching_prefix_then_the_target():
     assert choose(logits, [2, 3, 0], greedy, None) == [2, 3, 1]
     assert choose(logits, [2, 3, 1], greedy, None) == [2, 3, 1, 4]
     assert choose(logits, [0, 3, 1], greedy, None) == [2]
+
+
+
+def test_a_stop_string_inside_accepted_drafts_drops_the_tokens_after_it(prompts, monkeypatch):
+    """Drafts are the true continuation, so steps accept several tokens; each request stops on a string that ends
+    at a random output token, usually inside such a step: the tokens, text, usage and decoded-token counts must
+    end where they end without speculation."""
+    seed, ps = prompts
+    rng = random.Random(seed)
+    free, _ = outputs(ps)
+    full = {tuple(ps[int(rid[1:])]): ps[int(rid[1:])] + toks for rid, toks in free.items()}
+    stops = {}
+    for rid, tokens in free.items():  # two ASCII bytes (two characters) seen nowhere before
+        ends = [i for i in range(1, len(tokens)) if tokens[i - 1] < 128 and tokens[i] < 128
+                and bytes(tokens[i - 1:i + 1]) not in bytes(t for t in tokens[:i] if t < 256)]
+        stops[rid] = (bytes(tokens[(end := rng.choice(ends)) - 1:end + 1]).decode(),) if ends else ()
+
+    def run(**settings) -> tuple[dict, object]:
+        core = make_core(buffer_size=16, chunk_size=8, **settings)
+        reqs = [request(f"r{i}", p, max_new_tokens=NEW, ignore_eos=True, stop_strings=stops[f"r{i}"])
+                for i, p in enumerate(ps)]
+        return run_to_end(core, {0: reqs[:2], 3: reqs[2:]}), core.stats()
+
+    want, plain = run()
+    monkeypatch.setattr(core_module, "propose_ngram", lambda tokens, k: next(
+        f for p, f in full.items() if tokens[:len(p)] == list(p))[len(tokens):len(tokens) + k])
+    got, spec = run(speculative_algorithm="ngram", speculative_num_draft_tokens=4)
+    assert spec.accepted_tokens > len(ps), f"seed {seed}"
+    assert sum(bool(s) for s in stops.values()) >= 2, f"seed {seed}"
+    for rid, chunk in want.items():
+        mine = got[rid]
+        assert (mine.token_ids, mine.text, mine.finish_reason) == (chunk.token_ids, chunk.text, chunk.finish_reason), (
+            f"{rid} (seed {seed})")
+        assert mine.completion_tokens == chunk.completion_tokens == len(chunk.token_ids), f"{rid} (seed {seed})"
+    assert spec.tokens_by_path == plain.tokens_by_path, f"seed {seed}"

@@ -4,7 +4,10 @@ health, reflection, bad requests, and cancellation freeing the engine's memory."
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import random
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +21,7 @@ from kvbuffer.service.server.servicer import status_of
 from kvbuffer.v1 import SERVICE_NAME
 from kvbuffer.v1 import kvbuffer_pb2 as pb
 from kvbuffer.v1 import kvbuffer_pb2_grpc as pb_grpc
+from qwen3_next_cases import fresh_seed
 from service_harness import RunningServer
 
 
@@ -207,11 +211,57 @@ def test_deadline_frees_the_engine_request(server: RunningServer) -> None:
     assert len(_unary(server, "after", max_new_tokens=3).token_ids) == 3  # and the server is fine
 
 
-def test_undecodable_request_does_not_harm_the_server(server: RunningServer) -> None:
+def test_undecodable_request_is_invalid_argument_with_at_most_a_warning(server: RunningServer,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Bytes that are not a GenerateRequest: INVALID_ARGUMENT, no traceback, and a flood of them logs one warning."""
+    caplog.set_level(logging.INFO)
     with grpc.insecure_channel(server.target) as channel:
-        raw = channel.unary_unary(f"/{SERVICE_NAME}/GenerateUnary")
-        for payload in (b"\xff\xff\xff", b"\x12\x02\xc3\x28"):  # not a message; `text` that is not UTF-8
+        calls = [channel.unary_unary(f"/{SERVICE_NAME}/GenerateUnary"),
+                 lambda payload: list(channel.unary_stream(f"/{SERVICE_NAME}/Generate")(payload))]
+        for i in range(40):  # not a message; `text` that is not UTF-8
             with pytest.raises(grpc.RpcError) as error:
-                raw(payload)
-            assert error.value.code() == grpc.StatusCode.UNKNOWN  # grpc.aio's answer to a request it cannot parse
+                calls[i % 2]((b"\xff\xff\xff", b"\x12\x02\xc3\x28")[i // 2 % 2])
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error.value.details().startswith("request: not a valid kvbuffer.v1.GenerateRequest")
     assert len(_unary(server, "still here", max_new_tokens=2).token_ids) == 2
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+def test_a_long_prompts_token_counts_as_buffered(server: RunningServer) -> None:
+    """A prompt past buffer_size is prefilled into a checkpoint: its token is not counted stateless."""
+    rng = random.Random(fresh_seed())
+    final = _unary(server, [rng.randrange(256) for _ in range(1000)], max_new_tokens=1)
+    assert (final.stats.stateless_tokens, final.stats.buffered_tokens) == (0, 1)
+
+
+def test_a_prompt_is_length_checked_before_its_ids(server: RunningServer) -> None:
+    """A huge token-id prompt is refused for its length before a single id is converted or range-checked."""
+    prompt = [1] * 1_000_000
+    prompt[0] = 999_999  # outside the vocabulary: a range check run first would name token_ids.ids[0]
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as error:
+        pb_grpc.KVBufferServiceStub(channel).GenerateUnary(_request(prompt))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details().startswith("token_ids.ids: 1000000 tokens leave no room")
+
+
+def test_text_prompts_are_tokenized_off_the_event_loop(server: RunningServer,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tokenizing a long prompt takes milliseconds: on the event loop it would hold every other stream."""
+    tokenizer = server.server.engine._core.tokenizer  # the native engine's
+    threads: list[str] = []
+
+    def encode(text: str) -> list[int]:
+        threads.append(threading.current_thread().name)
+        return type(tokenizer).encode(tokenizer, text)
+
+    monkeypatch.setattr(tokenizer, "encode", encode)
+    assert len(_unary(server, "tokenize me", max_new_tokens=2).token_ids) == 2
+    assert threads and "kvbuffer-test-server" not in threads  # the harness's event-loop thread
+
+
+@pytest.mark.parametrize("seed", [2**63, 2**64 - 1])
+def test_seeds_take_the_whole_uint64_range(server: RunningServer, seed: int) -> None:
+    runs = [_unary(server, "seeded", max_new_tokens=12, temperature=1.0, seed=seed, ignore_eos=True)
+            for _ in range(2)]
+    assert runs[0].token_ids == runs[1].token_ids and len(runs[0].token_ids) == 12

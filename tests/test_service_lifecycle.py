@@ -5,8 +5,8 @@ end of the grace period, freeing the engine's memory. A failed engine: health NO
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
-import time
 
 import grpc
 import pytest
@@ -71,25 +71,54 @@ def test_drain_lets_in_flight_requests_finish() -> None:
     server.stop()  # already drained: returns at once
 
 
-def test_drain_cancels_what_outlives_the_grace_period() -> None:
+def test_drain_ends_what_outlives_the_grace_period_with_a_cancelled_final_message() -> None:
+    """Streams and unary calls still running when the grace period ends get their final response, finish reason
+    CANCELLED with usage and stats, and status OK; then the server stops with the engine's memory free."""
     server = RunningServer(shutdown_grace_period_s=0.5)
 
     async def go() -> None:
         async with server.client() as client:
-            call = client.generate("too long", **LONG)
-            await _first_token(call)
-            start = time.monotonic()
-            server.run(server.server.drain())
-            assert time.monotonic() - start < 10
-            with pytest.raises(grpc.aio.AioRpcError) as error:
-                async for _response in call:
-                    pass
-            assert error.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+            streams = [client.generate(f"too long {i}", **LONG) for i in range(3)]
+            for call in streams:
+                await _first_token(call)
+            unary = asyncio.ensure_future(client.generate_unary("too long unary", **LONG))
+            assert await server.until(lambda: server.server.admission.in_flight == 4)
+            drained = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(server.server.drain(), server._loop))
+            for call in streams:
+                rest = [response async for response in call]
+                final = rest[-1]
+                assert final.finish_reason == pb.FINISH_REASON_CANCELLED
+                assert await call.code() == grpc.StatusCode.OK
+                received = 1 + sum(len(r.token_ids) for r in rest)  # _first_token consumed one token
+                assert final.usage.completion_tokens >= received > 1
+                stats = final.stats
+                assert stats.stateless_tokens + stats.buffered_tokens + stats.recurrent_tokens == (
+                    final.usage.completion_tokens)
+            whole = await unary
+            assert whole.finish_reason == pb.FINISH_REASON_CANCELLED
+            assert whole.usage.completion_tokens == len(whole.token_ids) > 0
+            await asyncio.wait_for(drained, 30)
 
     asyncio.run(go())
     stats = server.server.engine.stats()
     assert (stats.running_requests, stats.state_slots_used, stats.buffer_slots_used) == (0, 0, 0)
     server.stop()
+
+
+def test_a_burst_within_running_capacity_is_admitted() -> None:
+    """Requests handed to the engine but not yet scheduled have running slots waiting for them: with room for 64
+    running requests and 1 waiting, 32 concurrent requests all succeed."""
+    server = RunningServer(max_waiting_requests=1)
+    try:
+        async def go() -> list[pb.GenerateResponse]:
+            async with server.client() as client:
+                return await asyncio.gather(*(client.generate_unary(f"burst {i}", max_new_tokens=8, ignore_eos=True)
+                                              for i in range(32)))
+
+        responses = asyncio.run(go())
+        assert [r.usage.completion_tokens for r in responses] == [8] * 32
+    finally:
+        server.stop()
 
 
 def test_engine_failure_turns_health_not_serving_and_requests_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -108,8 +137,10 @@ def test_engine_failure_turns_health_not_serving_and_requests_unavailable(monkey
                 assert [await client.health(""), await client.health()] == ["SERVING", "SERVING"]
                 monkeypatch.setattr(core.runner, "run", broken)
                 monkeypatch.setattr(core, "abort_all", broken)
-                in_flight = [response async for response in client.generate("doomed", max_new_tokens=4)]
-                assert in_flight[-1].finish_reason == pb.FINISH_REASON_ERROR
+                doomed = client.generate("doomed", max_new_tokens=4)
+                with pytest.raises(grpc.aio.AioRpcError) as ended:
+                    await _drain(doomed)
+                assert ended.value.code() == grpc.StatusCode.UNAVAILABLE  # this replica is gone: retry elsewhere
                 assert [await client.health(""), await client.health()] == ["NOT_SERVING", "NOT_SERVING"]
                 for call in (lambda: client.generate_unary("late", max_new_tokens=2),
                              lambda: _drain(client.generate("late", max_new_tokens=2))):
@@ -140,3 +171,56 @@ def test_port_in_use_fails_startup_naming_the_setting(setting: str) -> None:
         server = Server(settings, build_engine(settings.engine_config()))
         with pytest.raises(StartupError, match=rf"^{'host/port' if setting == 'port' else setting}: cannot"):
             asyncio.run(server.start())
+
+
+def test_persistently_failing_steps_turn_health_not_serving_and_fail_their_requests(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every step raises (an error that does not clear): each request ends with a non-OK status, streams after
+    their final FINISH_REASON_ERROR message; after MAX_CONSECUTIVE_FAILED_STEPS the replica reports NOT_SERVING
+    and refuses new requests UNAVAILABLE, and its spans and metrics record the failures."""
+    from kvbuffer.service.engine.engine import MAX_CONSECUTIVE_FAILED_STEPS
+
+    server = RunningServer()
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("injected failure")
+
+    try:
+        async def go() -> None:
+            async with server.client() as client:
+                monkeypatch.setattr(server.server.engine._core.runner, "run", broken)
+                for i in range(MAX_CONSECUTIVE_FAILED_STEPS):
+                    assert await client.health() == "SERVING"
+                    call = client.generate(f"failing {i}", max_new_tokens=4)
+                    with pytest.raises(grpc.aio.AioRpcError) as error:
+                        async for response in call:
+                            assert response.finish_reason in (pb.FINISH_REASON_UNSPECIFIED, pb.FINISH_REASON_ERROR)
+                    last = i == MAX_CONSECUTIVE_FAILED_STEPS - 1
+                    assert error.value.code() == (grpc.StatusCode.UNAVAILABLE if last else grpc.StatusCode.INTERNAL)
+                    assert "engine" in error.value.details()
+                assert [await client.health(""), await client.health()] == ["NOT_SERVING", "NOT_SERVING"]
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await client.generate_unary("late", max_new_tokens=2)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        asyncio.run(go())
+    finally:
+        server.stop()
+
+
+def test_startup_log_says_what_was_loaded(caplog: pytest.LogCaptureFixture) -> None:
+    """One info line names the model, device, dtype, decode mode, buffer and chunk sizes, and the pools sized from
+    memory_budget_bytes (their slots and bytes), as the engine reports them."""
+    caplog.set_level(logging.INFO)
+    server = RunningServer(buffer_size=48, chunk_size=16)
+    try:
+        config = server.server.engine.config()
+    finally:
+        server.stop()
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "loaded" in r.getMessage()]
+    assert len(lines) == 1, lines
+    for fact in ("model embedded:tiny-qwen3-next", "device cpu", "dtype float32", "decode_mode kvbuffer",
+                 "buffer_size 48", "chunk_size 16", f"request_slots {config['request_slots']}",
+                 f"state_slots {config['state_slots']}", f"kv_cache_tokens {config['kv_cache_tokens']}",
+                 f"pools {config['pool_bytes'] / 2**20:.1f} MiB"):
+        assert fact in lines[0], (fact, lines[0])

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import prometheus_client
 import pytest
 from kvbuffer.service.engine.api import EngineStats
+from kvbuffer.service.server.client import generate_request
 from kvbuffer.service.server.telemetry import Telemetry, span_exporters_from_env
+from kvbuffer.v1 import kvbuffer_pb2 as pb
+from kvbuffer.v1 import kvbuffer_pb2_grpc as pb_grpc
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -196,3 +201,83 @@ def test_speculative_decoding_is_reported_in_response_span_and_metrics() -> None
     drafted = [m.data.data_points[0].value for r in data.resource_metrics for s in r.scope_metrics for m in s.metrics
                if m.name == "kvbuffer.speculative.drafted_tokens"]
     assert drafted == [stats.drafted_tokens]
+
+
+@pytest.mark.parametrize("source", ["default", "OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES", "both"])
+def test_the_service_name_comes_from_the_environment(source: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OTEL_SERVICE_NAME, else service.name in OTEL_RESOURCE_ATTRIBUTES, names the service on spans and in
+    target_info (the OpenTelemetry specification's order); `kvbuffer` only when neither is set."""
+    name, other = f"svc-{secrets.token_hex(4)}", f"attr-{secrets.token_hex(4)}"
+    for variable in ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"):
+        monkeypatch.delenv(variable, raising=False)
+    if source in ("OTEL_SERVICE_NAME", "both"):
+        monkeypatch.setenv("OTEL_SERVICE_NAME", name)
+    if source in ("OTEL_RESOURCE_ATTRIBUTES", "both"):
+        monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", f"service.name={other},deployment.environment=test")
+    want = {"default": "kvbuffer", "OTEL_SERVICE_NAME": name, "OTEL_RESOURCE_ATTRIBUTES": other, "both": name}[source]
+    spans = InMemorySpanExporter()
+    telemetry = Telemetry("m", span_processors=[SimpleSpanProcessor(spans)])
+    try:
+        telemetry.tracer.start_span("probe").end()
+        telemetry.tokens.add(1, {"type": "input"})  # target_info is exposed beside metrics only
+        [span] = spans.get_finished_spans()
+        exposition = prometheus_client.generate_latest(telemetry.prometheus_registry).decode()
+    finally:
+        telemetry.shutdown()
+    assert span.resource.attributes["service.name"] == want
+    assert re.search(rf'^target_info\{{.*service_name="{want}"', exposition, flags=re.MULTILINE), exposition
+
+
+@pytest.fixture(scope="module")
+def traced() -> Iterator[Observed]:
+    running = Observed()
+    yield running
+    running.server.stop()
+
+
+def test_a_request_span_continues_the_callers_trace(traced: Observed) -> None:
+    """A W3C `traceparent` in the call's metadata makes the server span a child of the caller's span."""
+    trace_id, parent_id = secrets.randbits(128) or 1, secrets.randbits(64) or 1
+    traceparent = f"00-{trace_id:032x}-{parent_id:016x}-01"
+
+    async def go() -> pb.GenerateResponse:
+        async with grpc.aio.insecure_channel(traced.server.target) as channel:
+            return await pb_grpc.KVBufferServiceStub(channel).GenerateUnary(
+                generate_request("child", request_id="child-1", max_new_tokens=3),
+                metadata=(("traceparent", traceparent),))
+
+    asyncio.run(go())
+    span = _span(traced, "child-1")
+    assert span.context.trace_id == trace_id
+    assert span.parent is not None and span.parent.span_id == parent_id and span.parent.is_remote
+
+
+def test_cancelled_and_timed_out_spans_carry_finish_reason_and_usage(traced: Observed) -> None:
+    prompt = f"cut short {secrets.token_hex(3)}"
+
+    async def go() -> int:
+        async with traced.server.client() as client:
+            call = client.generate(prompt, request_id="cancelled-1", max_new_tokens=3000, ignore_eos=True)
+            received = 0
+            async for response in call:
+                received += len(response.token_ids)
+                if received >= 5:
+                    break
+            call.cancel()
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await client.generate_unary(prompt, request_id="timed-out-1", max_new_tokens=3000, ignore_eos=True,
+                                            timeout=1.0)
+            assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            return received
+
+    received = asyncio.run(go())
+    for response_id, status in (("cancelled-1", "CANCELLED"), ("timed-out-1", "DEADLINE_EXCEEDED")):
+        assert traced.server.wait_until(lambda rid=response_id: any(
+            (s.attributes or {}).get("gen_ai.response.id") == rid for s in traced.spans.get_finished_spans()))
+        attributes = dict(_span(traced, response_id).attributes or {})
+        assert attributes["error.type"] == status
+        assert attributes["gen_ai.response.finish_reasons"] == ("cancelled",)
+        assert attributes["gen_ai.usage.input_tokens"] == len(prompt.encode())
+        assert attributes["gen_ai.usage.output_tokens"] >= (received if status == "CANCELLED" else 0)
+        assert sum(attributes[f"kvbuffer.tokens.{path}"] for path in ("stateless", "buffered", "recurrent")) == (
+            attributes["gen_ai.usage.output_tokens"])

@@ -115,20 +115,28 @@ class Engine(Protocol):
     """The engine interface. `generate` yields chunks until one carries a finish_reason.
 
     Raises InvalidRequestError before allocating anything for a bad request, OverloadedError when it
-    cannot admit it (or is shut down), EngineFailedError once it has failed. Closing the generator early
-    (`aclose()`, client cancel) cancels the request and frees its memory. `stats()` and `healthy` are cheap
-    and may be read from any thread.
+    cannot admit it (running and waiting requests all taken, or shut down), EngineFailedError once it has
+    failed. Closing the generator early (`aclose()`) cancels the request and frees its memory. `stats()` and
+    `healthy` are cheap and may be read from any thread.
     """
 
-    def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateChunk, None]: ...
+    def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateChunk, None]:
+        """Validates (and tokenizes) the request now, raising InvalidRequestError; the request is queued when
+        iteration starts. Callable from any thread: the service calls it off its event loop, as a long prompt
+        takes milliseconds to tokenize."""
+        ...
 
-    async def cancel(self, request_id: str) -> None: ...
+    async def cancel(self, request_id: str) -> None:
+        """Ends the request and frees its memory; its stream then yields a last chunk, finish_reason
+        "cancelled", with usage and stats (shutdown() does the same for every request)."""
+        ...
 
     def stats(self) -> EngineStats: ...
 
     @property
     def healthy(self) -> bool:
-        """False once the engine has failed (for good); a shut-down engine has not failed."""
+        """False once the engine has failed for good (a failure that persists: an accelerator error, steps
+        failing again and again); a shut-down engine has not failed."""
         ...
 
     def on_failure(self, callback: Callable[[], None]) -> None:

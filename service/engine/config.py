@@ -20,12 +20,12 @@ class EngineConfig:
     speculative_algorithm: Literal["none", "ngram"] = "none"
     speculative_num_draft_tokens: int = 4
     max_running_requests: int = 64
-    max_waiting_requests: int = 256  # beyond this, new requests are refused (never an unbounded queue)
+    max_waiting_requests: int = 256  # may wait for a running slot; more are refused (never an unbounded queue)
     max_num_batched_tokens: int = 2048  # token budget of one engine step (prefill chunks + decodes)
     max_context_length: int = 4096
     memory_budget_bytes: int = 512 * 2**20  # state, buffer and KV-cache pools are sized from this at start
     cuda_graph_max_batch: int = 256  # decode steps of up to this many requests replay CUDA graphs; 0: never
-    seed: int = 0
+    seed: int = 0  # of the embedded model's generated weights; requests sample from their own seeds
 
     def __post_init__(self) -> None:
         from kvbuffer.kernels.validate import check_settings  # imports torch: only when a config is built

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 from dataclasses import asdict, dataclass
 
 import torch
@@ -30,8 +31,8 @@ from .cuda_graphs import DecodeGraphs
 from .drafter import propose_ngram
 from .memory import MemoryManager, plan_memory
 from .model_runner import ModelRunner
-from .output import append_tokens, text_delta
-from .sampler import choose_batch, logprobs, make_generator, next_tokens
+from .output import append_output
+from .sampler import choose_batch, logprobs, next_tokens
 from .scheduler import ScheduledSeq, Scheduler
 from .sequence import Sequence, Status
 from .validation import validate_request
@@ -87,7 +88,6 @@ class EngineCore:
                                               capture=self.device.type == "cuda")
         self.scheduler = Scheduler(config, self.memory)
         self.requests: dict[str, Sequence] = {}
-        self._seeds = torch.Generator().manual_seed(config.seed)  # for requests without a seed
         self.tokens_by_path = dict.fromkeys(PATHS, 0)
         self.flushes = self.drafted_tokens = self.accepted_tokens = 0
         self._inflight: InFlight | None = None
@@ -98,13 +98,12 @@ class EngineCore:
         return validate_request(request, self.tokenizer, self.config.max_context_length)
 
     def add(self, request: GenerateRequest, prompt_ids: list[int]) -> Sequence:
-        """Queues a validated request (the caller enforces max_waiting_requests)."""
+        """Queues a validated request (the caller bounds the requests in the engine: running + waiting)."""
         p = request.sampling
-        gen = None
-        if p.temperature > 0:
-            seed = p.seed if p.seed is not None else int(torch.randint(2**62, (), generator=self._seeds))
-            gen = make_generator(seed, self.device)
-        seq = Sequence(request.request_id, list(prompt_ids), len(prompt_ids), p, gen)
+        seed = None
+        if p.temperature > 0:  # unseeded: random, from the operating system (not from the engine's own seed)
+            seed = p.seed if p.seed is not None else secrets.randbits(64)
+        seq = Sequence(request.request_id, list(prompt_ids), len(prompt_ids), p, seed)
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -152,11 +151,11 @@ class EngineCore:
         if batch:
             logits, spans = self.runner.run(batch)
             emitted = choose_batch(logits, spans, [s.drafts for s in batch], [s.seq.sampling for s in batch],
-                                   [s.seq.generator for s in batch])
+                                   [s.seq.seed for s in batch], [s.seq.next_position for s in batch])
             accepted = []
             for s, tokens in zip(batch, emitted, strict=True):
                 kept = s.n - len(s.drafts) + max(len(tokens) - 1, 0)
-                self.memory.commit(s.seq, s.step, kept)
+                self._commit(s, kept)
                 accepted.append(kept)
             if self.num_drafts:
                 self.runner.rollback(batch, accepted)
@@ -179,7 +178,8 @@ class EngineCore:
     def _launch(self, batch: list[ScheduledSeq]) -> InFlight:
         """Runs an overlapped step up to its tokens' copy to the host, and commits it (one token each)."""
         logits, _ = self.runner.run(batch)
-        tokens = next_tokens(logits, [s.seq.sampling for s in batch], [s.seq.generator for s in batch])
+        tokens = next_tokens(logits, [s.seq.sampling for s in batch], [s.seq.seed for s in batch],
+                             [s.seq.next_position for s in batch])
         self.runner.last_tokens[:len(batch)] = tokens
         host = torch.empty_like(tokens, device="cpu", pin_memory=tokens.is_cuda).copy_(tokens, non_blocking=True)
         ready = None
@@ -189,11 +189,19 @@ class EngineCore:
         limit = self.config.max_context_length
         for row, s in enumerate(batch):
             seq = s.seq
-            self.memory.commit(seq, s.step, 1)
+            self._commit(s, 1)
             seq.pending, seq.pending_row = seq.pending + 1, row
             if seq.num_tokens - seq.prompt_len >= seq.sampling.max_new_tokens or seq.num_tokens >= limit:
                 self.scheduler.remove(seq)  # this token is its last: it leaves the schedule now
         return InFlight(batch, host, ready)
+
+    def _commit(self, s: ScheduledSeq, kept: int) -> None:
+        """Commits a request's step (its `kept` tokens are in the caches) and counts the flush the step made, if
+        any: it happened on the device even if the request ends before the step's tokens are read back."""
+        self.memory.commit(s.seq, s.step, kept)
+        flushed = int(s.step.fold or s.step.flush)
+        s.seq.stats.flushes += flushed
+        self.flushes += flushed
 
     def _read_back(self) -> None:
         """Streams the tokens of the step in flight (if any) once they are on the host."""
@@ -212,21 +220,17 @@ class EngineCore:
         count) in `logits`, sliced only for a request that asked for logprobs: a step adds no tensor op per
         request."""
         seq, st = s.seq, s.seq.stats
-        st.flushes += int(s.step.fold or s.step.flush)
-        self.flushes += int(s.step.fold or s.step.flush)
         if not tokens:
             return
         st.drafted_tokens += len(s.drafts)
         st.accepted_tokens += len(tokens) - 1
         self.drafted_tokens += len(s.drafts)
         self.accepted_tokens += len(tokens) - 1
-        new, reason = append_tokens(seq, tokens, self.tokenizer.eos_token_ids, self.config.max_context_length)
+        new, delta, reason = append_output(seq, tokens, self.tokenizer, self.config.max_context_length)
         st.tokens_by_path[s.step.path] += len(new)
         self.tokens_by_path[s.step.path] += len(new)
         a, k = span
         lps = logprobs(logits[a:a + k], new) if seq.sampling.logprobs and logits is not None and k else None
-        delta, stopped = text_delta(seq, self.tokenizer, reason is not None)
-        reason = "stop" if stopped else reason
         if reason is not None:
             self._unsent.append((seq.request_id, self._finish(seq, reason, new, delta, lps)))
         else:
@@ -244,7 +248,8 @@ class EngineCore:
 
     # observability
     def stats(self) -> EngineStats:
-        running = list(self.scheduler.running)
+        # running: scheduled, or off the schedule with its last token still on the device (InFlight)
+        running = [seq for seq in self.requests.values() if seq.status is Status.RUNNING]
         kvbuffer = self.config.decode_mode == "kvbuffer"
         buffered = [s.buf_len for s in running if s.req_slot >= 0] if kvbuffer else []
         occupancy = sum(buffered) / (len(buffered) * self.config.buffer_size) if buffered else 0.0

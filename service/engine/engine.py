@@ -4,9 +4,12 @@ Requests reach the loop through an inbox (no lock is taken on the event loop for
 to each request's asyncio queue via `call_soon_threadsafe`. Cancelling (closing the iterator, or `cancel`)
 takes the step lock, so when it returns the request's slots, buffer and KV blocks are already free. Under the
 same lock, after each step or cancel, the engine publishes an `EngineStats` snapshot that `stats()` returns
-to any thread (the metrics endpoint's included) without taking a lock. If the engine thread itself fails, the
-engine turns unhealthy for good: open requests end with "error", new ones get EngineFailedError, and the
-`on_failure` callbacks run.
+to any thread (the metrics endpoint's included) without taking a lock.
+
+A step that raises ends the requests in flight with "error" and the loop goes on: the failure may be one bad
+request's. A failure that persists turns the engine unhealthy for good: an accelerator error (the device context
+is lost), MAX_CONSECUTIVE_FAILED_STEPS failed steps in a row, or the engine thread itself failing. Then open
+requests end with "error", new ones get EngineFailedError, and the `on_failure` callbacks run.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import queue
 import threading
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import asdict, dataclass
+
+import torch
 
 from .api import (
     EngineFailedError,
@@ -32,6 +37,13 @@ from .config import EngineConfig
 from .core import EngineCore, dtype_name
 
 log = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_FAILED_STEPS = 3  # in a row: not one bad request but a broken replica
+
+
+def is_persistent(error: Exception) -> bool:
+    """An error no later step recovers from: the accelerator's (a CUDA error leaves its context unusable)."""
+    return isinstance(error, torch.AcceleratorError)
 
 
 @dataclass
@@ -74,9 +86,11 @@ class NativeEngine:
                 raise OverloadedError("engine is shut down")
             if rid in self._streams:
                 raise InvalidRequestError("request_id", f"{rid!r} is already in use")
-            waiting = self._inbox.qsize() + len(self._core.scheduler.waiting)
-            if waiting >= self._config.max_waiting_requests:
-                raise OverloadedError(f"{waiting} requests are waiting (max_waiting_requests)")
+            # requests not yet scheduled may still have a running slot free: only running + waiting is a bound
+            capacity = self._core.plan.request_slots + self._config.max_waiting_requests
+            if len(self._streams) >= capacity:
+                raise OverloadedError(f"{len(self._streams)} requests in the engine, as many as its running slots "
+                                      f"({self._core.plan.request_slots}) and max_waiting_requests allow")
             self._streams[rid] = stream
         done = False
         try:
@@ -154,6 +168,7 @@ class NativeEngine:
                     self._deliver([(request.request_id, GenerateChunk([], "", finish_reason="error"))])
 
     def _loop(self) -> None:
+        failed_steps = 0  # in a row
         try:
             while True:
                 self._wake.wait()
@@ -164,16 +179,27 @@ class NativeEngine:
                     try:
                         self._drain()
                         outputs = self._core.step()
-                    except Exception:
-                        log.exception("engine step failed; ending the requests in flight")
+                        failed_steps = 0
+                    except Exception as error:
+                        failed_steps += 1
+                        persistent = is_persistent(error) or failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS
+                        log.exception("engine step failed (%d in a row); ending the requests in flight%s",
+                                      failed_steps, ": the failure persists, so the engine turns unhealthy"
+                                      if persistent else "")
+                        if persistent:
+                            self._fail()  # first: health has turned by the time a client sees its request fail
                         outputs = self._core.abort_all("error")
                     if self._core.has_work():
                         self._wake.set()
                     self._publish_stats()
                 self._deliver(outputs)
+                if self._failed:
+                    self._end_all_streams()  # those whose requests were still in the inbox
+                    return
         except Exception:
             log.exception("engine thread failed; ending every request and refusing new ones")
-            self._fail_all()
+            self._fail()
+            self._end_all_streams()
 
     def _publish_stats(self) -> None:
         """Called with _lock held, after anything that changes the core's state."""
@@ -195,18 +221,22 @@ class NativeEngine:
             if stream is not None:
                 _put(stream, chunk)
 
-    def _fail_all(self) -> None:
-        """The engine thread is gone: new requests are refused, the `on_failure` callbacks run (first, so that
-        health has turned by the time a client sees its request fail), and every open stream ends with "error"."""
+    def _fail(self) -> None:
+        """Turns the engine unhealthy for good: new requests are refused, the loop stops after this step, and
+        the `on_failure` callbacks run."""
         with self._ids:
             self._stopping = self._failed = True
-            streams, self._streams = self._streams, {}
             callbacks, self._failure_callbacks = self._failure_callbacks, []
         for callback in callbacks:
             try:
                 callback()
             except Exception:  # one broken observer must not keep the failure from the others, or the streams
                 log.exception("engine failure callback failed")
+
+    def _end_all_streams(self) -> None:
+        """The engine has failed: every stream still open ends with "error"."""
+        with self._ids:
+            streams, self._streams = self._streams, {}
         for stream in streams.values():
             _put(stream, GenerateChunk([], "", finish_reason="error"))
 

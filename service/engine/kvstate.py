@@ -4,7 +4,8 @@ A pure function of the request's state (holds a checkpoint or not, buffered entr
 scheduler (to reserve a checkpoint slot) and the model runner (to build the calls) agree by construction.
 
     stateless   the whole context is in the buffer; no checkpoint is read (S0 = 0) and none is held
-    buffered    checkpoint + buffer; the buffer is folded in every chunk_size tokens
+    buffered    checkpoint + buffer; the buffer is folded in every chunk_size tokens (also the prefill of a
+                context past the buffer, which builds the checkpoint)
     recurrent   decode_mode=recurrent: the baseline, one state read and written per token
 """
 
@@ -48,7 +49,9 @@ def plan_step(mode: str, has_state: bool, buf_len: int, n: int, buffer_size: int
         takes_slot = takes_slot or (flush and not has_state)
     else:
         op = "verify"
-    return GdnStep(op, fold, has_state, flush, takes_slot, "buffered" if has_state else "stateless")
+    # stateless: the whole context fits the buffer; a prefill past it builds the checkpoint its token comes from
+    path: DecodePath = "buffered" if has_state or op == "prefill" else "stateless"
+    return GdnStep(op, fold, has_state, flush, takes_slot, path)
 
 
 def buf_len_after(step: GdnStep, buf_len: int, accepted: int) -> int:

@@ -53,3 +53,21 @@ def text_delta(seq: Sequence, tokenizer: Tokenizer, finished: bool) -> tuple[str
         seq.sent_ahead += end - len(seq.held_text)
         seq.held_text = ""
     return text[:end], stopped
+
+
+def append_output(seq: Sequence, tokens: list[int], tokenizer: Tokenizer, max_context_length: int
+                  ) -> tuple[list[int], str, FinishReason | None]:
+    """Appends a step's tokens up to the first stop (token, length or stop string); returns the tokens kept, their
+    text delta and the finish reason, if any. With stop strings and several tokens (accepted drafts) they are
+    appended one by one, so that none is kept after the token that completes a stop string."""
+    pieces = [[t] for t in tokens] if seq.sampling.stop_strings and len(tokens) > 1 else [tokens]
+    kept: list[int] = []
+    text = ""
+    for piece in pieces:
+        new, reason = append_tokens(seq, piece, tokenizer.eos_token_ids, max_context_length)
+        delta, stopped = text_delta(seq, tokenizer, reason is not None)
+        kept += new
+        text += delta
+        if stopped or reason is not None:
+            return kept, text, "stop" if stopped else reason
+    return kept, text, None

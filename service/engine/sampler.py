@@ -1,19 +1,19 @@
 """Token choice per request: greedy or temperature / top-k / top-p, and the acceptance of speculative drafts.
 
-Drafts are deterministic proposals, so exact speculative sampling accepts draft d with probability p(d) and,
-on rejection, samples from p with d removed. With greedy sampling a draft is accepted iff it is the argmax,
-which makes the output token-for-token the output without speculation.
+Every output position of a sampling request has its own draw, seeded from the request's seed and that position
+(`row_seed`): the token at output position i is argmax(p_i / E_i), E_i one Exp(1) per vocabulary entry from a
+generator seeded with row_seed(seed, i), which is what `torch.multinomial(p_i, 1, generator)` draws. So a seed fixes
+the output whatever else happens: the other requests of a step, the token budget, preemption and recomputation,
+overlapped steps, and speculation.
 
-A step costs one device-to-host copy for all its requests: every row's argmax, and for sampling requests every
-row's acceptance test and a token drawn from that row's residual distribution, are computed on the device first;
-the host then keeps drafts up to the first rejected one and that row's token. Drawing a token for every row,
-used or not, is what spares a sync per draft; the token that is used is drawn independently of the acceptance
-test, so it has the distribution it had when drawn after it. Each request draws from its own generator (its
-seed), so its tokens do not depend on the other requests of the step. Without drafts a request draws exactly
-what `torch.multinomial(p, 1, generator)` drew (argmax(p / Exp(1)), one exponential per vocabulary entry), so a
-seed gives the tokens it gave when requests were sampled one by one. With drafts it draws one uniform per draft
-and one exponential row per logits row, however many drafts are accepted: a fixed amount per step, so a seed
-still fixes the output (though not the one of the old draft-by-draft draws, which stopped at a rejection).
+A draft is accepted iff it equals the token its position draws (for greedy requests: the argmax). For a
+deterministic draft d that is exact speculative sampling: d is accepted with probability p(d), and on rejection
+the token drawn is distributed as p with d removed. And since the token at a position does not depend on
+whether a draft stood there, the output with speculation is token for token the output without it, sampled or
+greedy.
+
+A step costs one device-to-host copy for all its requests: every row's token (argmax, or drawn) is chosen on the
+device first; the host then keeps drafts up to the first that differs from its row's token, and that token.
 """
 
 from __future__ import annotations
@@ -25,9 +25,16 @@ import torch
 from .api import SamplingParams
 from .staging import pack
 
+_MASK = 2**64 - 1
 
-def make_generator(seed: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
+
+def row_seed(seed: int, position: int) -> int:
+    """The seed of the draw for output position `position` of a request seeded `seed`: that position's output of
+    the splitmix64 generator seeded with `seed`, so every position (and every request) draws its own stream."""
+    x = (seed + 0x9E3779B97F4A7C15 * (position + 1)) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams | list[SamplingParams]) -> torch.Tensor:
@@ -57,74 +64,62 @@ def probabilities(logits: torch.Tensor, params: SamplingParams | list[SamplingPa
 
 
 def accept_greedy(targets: list[int], drafts: list[int]) -> list[int]:
-    """The drafts that match the argmax at their position, then the argmax after the last of them."""
+    """The drafts that match the target token at their position, then the target after the last of them."""
     accepted = next((i for i, (d, t) in enumerate(zip(drafts, targets, strict=False)) if d != t), len(drafts))
     return targets[:accepted + 1]
 
 
-def _draw(logits: torch.Tensor, spans: list[tuple[int, int]], drafts: list[list[int]], params: list[SamplingParams],
-          generators: list[torch.Generator | None]) -> torch.Tensor:
-    """For sampling requests with rows `spans` of `logits` (1 + len(drafts) each), per row on the device: a token
-    drawn from the row's distribution with its draft removed (the last row: nothing removed), then (1 or 0)
-    whether the row's draft is accepted. `[2 * rows]` int64."""
-    V, device = logits.shape[-1], logits.device
-    rows, draft = pack([[a + j for a, k in spans for j in range(k)], [t for d in drafts for t in [*d, -1]]], device)
-    probs = probabilities(logits[rows], [p for p, (_, k) in zip(params, spans, strict=True) for _ in range(k)])
-    p_draft = probs.gather(1, draft.clamp(min=0)[:, None])[:, 0]
-    residual = probs.masked_fill(torch.arange(V, device=device) == draft[:, None], 0.0)
-    uniform, noise = torch.ones(draft.shape[0], device=device), torch.empty_like(residual)
-    at = 0
-    for d, g in zip(drafts, generators, strict=True):  # one request's draws come from its own generator only
-        if d:
-            uniform[at:at + len(d)].uniform_(generator=g)
-        noise[at:at + len(d) + 1].exponential_(generator=g)
-        at += len(d) + 1
-    return torch.cat(((residual / noise).argmax(-1), (uniform < p_draft).long()))
+def _sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int]) -> torch.Tensor:
+    """One token per row of `logits` `[R, V]` (temperature > 0), drawn as torch.multinomial draws it from the row's
+    filtered distribution with a generator seeded seeds[r], on the device: argmax(p / E), E ~ Exp(1)."""
+    probs = probabilities(logits, params)
+    noise = torch.empty_like(probs)
+    generator = torch.Generator(device=logits.device)
+    for row, seed in enumerate(seeds):  # one launch per row: its draw depends on nothing but its seed
+        noise[row].exponential_(generator=generator.manual_seed(seed))
+    return (probs / noise).argmax(-1)
 
 
-def choose_batch(logits: torch.Tensor | None, spans: list[tuple[int, int]], drafts: list[list[int]],
-                 params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[list[int]]:
-    """`choose` for every request of a step, with one device-to-host copy for all of them."""
-    if logits is None:
-        return [[] for _ in spans]
-    sampled = [i for i, ((_, k), p) in enumerate(zip(spans, params, strict=True)) if k and p.temperature != 0.0]
+def target_tokens(logits: torch.Tensor, spans: list[tuple[int, int]], params: list[SamplingParams],
+                  seeds: list[int | None], positions: list[int]) -> torch.Tensor:
+    """The token of every row of `logits` `[R, V]`, on the device: request i owns rows spans[i] = (first, count),
+    the first at output position positions[i]; greedy requests take the argmax, sampling ones their draw."""
     picks = logits.argmax(-1)
-    if sampled:
-        picks = torch.cat((picks, _draw(logits, [spans[i] for i in sampled], [drafts[i] for i in sampled],
-                                        [params[i] for i in sampled], [generators[i] for i in sampled])))
-    R, S = logits.shape[0], sum(spans[i][1] for i in sampled)
-    host = picks.tolist()  # the step's one device-to-host copy
-    targets, tokens, accepted = host[:R], host[R:R + S], host[R + S:]
-    out, at = [], 0
-    for (a, k), d, p in zip(spans, drafts, params, strict=True):
-        if k == 0 or p.temperature == 0.0:
-            out.append(accept_greedy(targets[a:a + k], d) if k else [])
-            continue
-        n = next((j for j in range(len(d)) if not accepted[at + j]), len(d))
-        out.append([*d[:n], tokens[at + n]])
-        at += k
-    return out
-
-
-def next_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-                ) -> torch.Tensor:
-    """One token per row of `logits` `[R, V]` (requests without drafts), left on the device: the argmax for greedy
-    rows, and for sampling rows the token `choose_batch` would draw (the same generator calls), so a seed gives
-    the same tokens whether a step is read back at once or overlapped with the next one."""
-    picks = logits.argmax(-1)
-    sampled = [i for i, p in enumerate(params) if p.temperature != 0.0]
-    if sampled:
-        drawn = _draw(logits, [(i, 1) for i in sampled], [[] for _ in sampled], [params[i] for i in sampled],
-                      [generators[i] for i in sampled])
-        (rows,) = pack([sampled], logits.device)
-        picks = picks.index_copy(0, rows, drawn[:len(sampled)])
+    rows, row_params, row_seeds = [], [], []
+    for (a, k), p, seed, position in zip(spans, params, seeds, positions, strict=True):
+        if p.temperature != 0.0 and k:
+            if seed is None:
+                raise ValueError("a sampling request needs a seed")
+            rows += range(a, a + k)
+            row_params += [p] * k
+            row_seeds += [row_seed(seed, position + j) for j in range(k)]
+    if rows:
+        (index,) = pack([rows], logits.device)
+        picks = picks.index_copy(0, index, _sample(logits[index], row_params, row_seeds))
     return picks
 
 
-def choose(logits: torch.Tensor, drafts: list[int], p: SamplingParams,
-           generator: torch.Generator | None) -> list[int]:
+def choose_batch(logits: torch.Tensor | None, spans: list[tuple[int, int]], drafts: list[list[int]],
+                 params: list[SamplingParams], seeds: list[int | None], positions: list[int]) -> list[list[int]]:
+    """The tokens each request of a step emits (its accepted drafts, then one token), with one device-to-host copy
+    for all of them. Request i has 1 + len(drafts[i]) rows (or none: a prefill chunk that samples nothing)."""
+    if logits is None:
+        return [[] for _ in spans]
+    targets = target_tokens(logits, spans, params, seeds, positions).tolist()  # the step's one copy to the host
+    return [accept_greedy(targets[a:a + k], d) if k else [] for (a, k), d in zip(spans, drafts, strict=True)]
+
+
+def next_tokens(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int | None],
+                positions: list[int]) -> torch.Tensor:
+    """One token per row of `logits` `[R, V]` (requests without drafts), left on the device: the token
+    `choose_batch` would choose, so overlapped steps emit exactly what synchronous ones do."""
+    return target_tokens(logits, [(i, 1) for i in range(len(params))], params, seeds, positions)
+
+
+def choose(logits: torch.Tensor, drafts: list[int], p: SamplingParams, seed: int | None = None,
+           position: int = 0) -> list[int]:
     """Emitted tokens from logits `[1 + len(drafts), V]`: the accepted drafts, then one token of the target."""
-    return choose_batch(logits, [(0, logits.shape[0])], [drafts], [p], [generator])[0]
+    return choose_batch(logits, [(0, logits.shape[0])], [drafts], [p], [seed], [position])[0]
 
 
 def logprobs(logits: torch.Tensor, tokens: list[int]) -> list[float]:

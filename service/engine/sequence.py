@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
-import torch
-
 from .api import FinishReason, RequestStats, SamplingParams
 
 
@@ -22,7 +20,7 @@ class Sequence:
     token_ids: list[int]  # prompt, then generated tokens
     prompt_len: int
     sampling: SamplingParams
-    generator: torch.Generator | None  # None for greedy
+    seed: int | None  # of its sampling draws (sampler.row_seed); None for greedy
     status: Status = Status.WAITING
     num_computed: int = 0  # tokens whose keys, values and state updates are in the caches
     # memory, owned by the MemoryManager
@@ -52,6 +50,11 @@ class Sequence:
     def num_output_tokens(self) -> int:
         """Output tokens on the host."""
         return len(self.token_ids) - self.prompt_len
+
+    @property
+    def next_position(self) -> int:
+        """Output position of the next token sampled: what its draw is seeded from (sampler.row_seed)."""
+        return self.num_tokens - self.prompt_len
 
     @property
     def in_decode(self) -> bool:

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from ..model import Tokenizer
 from .api import GenerateRequest, InvalidRequestError
+
+if TYPE_CHECKING:  # the model package imports torch; the gRPC service's checks import this module without it
+    from ..model import Tokenizer
 
 
 def validate_request(req: GenerateRequest, tokenizer: Tokenizer, max_context_length: int) -> list[int]:
@@ -19,15 +22,22 @@ def validate_request(req: GenerateRequest, tokenizer: Tokenizer, max_context_len
     if (req.prompt is None) == (req.prompt_token_ids is None):
         raise InvalidRequestError("prompt", "set exactly one of prompt and prompt_token_ids")
     field = "prompt" if req.prompt is not None else "prompt_token_ids"
+    if req.prompt_token_ids is not None:  # its length first: a huge list is refused before any id is looked at
+        check_prompt_length(len(req.prompt_token_ids), field, max_context_length)
     ids = tokenizer.encode(req.prompt) if req.prompt is not None else list(req.prompt_token_ids or ())
     if not ids:
         raise InvalidRequestError(field, "must not be empty")
+    check_prompt_length(len(ids), field, max_context_length)
     _check_token_ids(ids, field, tokenizer, indexed=req.prompt is None)
-    if len(ids) >= max_context_length:
-        raise InvalidRequestError(field, f"{len(ids)} tokens leave no room to generate within "
-                                         f"max_context_length {max_context_length}")
     _validate_sampling(req, tokenizer, max_context_length)
     return ids
+
+
+def check_prompt_length(length: int, field: str, max_context_length: int) -> None:
+    """A prompt must leave room for at least one generated token within max_context_length."""
+    if length >= max_context_length:
+        raise InvalidRequestError(field, f"{length} tokens leave no room to generate within max_context_length "
+                                         f"{max_context_length}")
 
 
 def _check_token_ids(ids: Sequence[int], field: str, tokenizer: Tokenizer, *, indexed: bool = True) -> None:
@@ -49,8 +59,8 @@ def _validate_sampling(req: GenerateRequest, tokenizer: Tokenizer, max_context_l
         raise InvalidRequestError("sampling.top_p", f"must be in (0, 1], got {s.top_p}")
     if s.top_k < 0:
         raise InvalidRequestError("sampling.top_k", f"must be >= 0 (0 disables it), got {s.top_k}")
-    if s.seed is not None and not 0 <= s.seed < 2**63:
-        raise InvalidRequestError("sampling.seed", f"must be in 0..2**63-1, got {s.seed}")
+    if s.seed is not None and not 0 <= s.seed < 2**64:
+        raise InvalidRequestError("sampling.seed", f"must be in 0..2**64-1 (a uint64), got {s.seed}")
     _check_token_ids(s.stop_token_ids, "sampling.stop_token_ids", tokenizer)
     for i, stop in enumerate(s.stop_strings):
         if not isinstance(stop, str) or not stop:

@@ -47,8 +47,7 @@ class Admission:
     async def drain(self, timeout: float) -> bool:
         """Refuses new requests from now on and waits for the admitted ones; True if all finished in time."""
         self.draining = True
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        idle = asyncio.ensure_future(self._idle.wait())
+        await asyncio.wait([idle], timeout=timeout)  # returns at the timeout rather than raising (no TimeoutError
+        idle.cancel()  # to catch, whose class differed before Python 3.11)
+        return self._idle.is_set()

@@ -1,5 +1,9 @@
 """Server assembly: the engine behind the kvbuffer.v1 servicer, plus standard health and reflection services,
 optional TLS and bearer-token auth, the Prometheus endpoint, and the graceful drain that SIGTERM starts.
+
+The drain: health NOT_SERVING, new requests UNAVAILABLE, and shutdown_grace_period_s for the requests in flight.
+Those still running then are ended by the engine (finish reason CANCELLED), so that every call gets its last
+response with usage and statistics before the server stops. A second SIGTERM or SIGINT exits at once.
 """
 
 from __future__ import annotations
@@ -8,8 +12,10 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from kvbuffer.service.engine import build_engine
 from kvbuffer.service.engine.api import Engine, EngineFailedError
 from kvbuffer.service.server.admission import Admission
+from kvbuffer.service.server.malformed import MalformedRequestInterceptor
 from kvbuffer.service.server.servicer import KVBufferServicer
 from kvbuffer.service.server.settings import ServiceSettings, SettingsError
 from kvbuffer.service.server.telemetry import Telemetry
@@ -29,6 +36,9 @@ from opentelemetry.sdk.trace import SpanProcessor
 log = logging.getLogger(__name__)
 
 HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
+# Once the engine has ended the requests that outlived the grace period, how long their calls get to send their
+# last response and status before the rest are cut (a client that does not read them).
+FINAL_RESPONSES_S = 5.0
 
 
 class StartupError(RuntimeError):
@@ -89,7 +99,7 @@ def _unauthenticated(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 
 class Server:
-    """One kvbuffer server around a started-by-us engine. Lifecycle: start() -> [drain()] -> wait_closed()."""
+    """One kvbuffer server around a started-by-us engine. Lifecycle: start() -> drain()."""
 
     def __init__(self, settings: ServiceSettings, engine: Engine, *, span_processors: Sequence[SpanProcessor] = (),
                  metric_readers: Sequence[MetricReader] = ()) -> None:
@@ -102,7 +112,6 @@ class Server:
         self._grpc: grpc.aio.Server | None = None  # made in start(): it binds to the running event loop
         self._drain_task: asyncio.Task[None] | None = None
         self._engine_failed_task: asyncio.Task[None] | None = None
-        self._closed = asyncio.Event()
         self.port = 0
         self.metrics_port = 0
 
@@ -119,7 +128,9 @@ class Server:
     async def _serve(self) -> None:
         settings = self.settings
         self.telemetry.observe(self.engine.stats, lambda: self.admission.in_flight)
-        interceptors = [BearerTokenInterceptor(settings.auth.token.get_secret_value())] if settings.auth.token else []
+        interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
+        if settings.auth.token:
+            interceptors.append(BearerTokenInterceptor(settings.auth.token.get_secret_value()))
         self._grpc = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
         servicer = KVBufferServicer(self.engine, self.admission, self.telemetry, settings.engine)
         pb_grpc.add_KVBufferServiceServicer_to_server(servicer, self._grpc)
@@ -134,6 +145,7 @@ class Server:
         except OSError as exc:
             raise StartupError(f"metrics_port: cannot serve metrics on {settings.host}:{settings.metrics_port}: "
                                f"{exc.strerror}") from None
+        log.info(loaded_summary(self.engine.config()))
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._watch_engine()
         log.info("serving %s on %s:%d (%s), metrics on http://%s:%d/metrics", SERVICE_NAME, settings.host,
@@ -173,35 +185,48 @@ class Server:
             raise StartupError(f"host/port: cannot listen on {address} (in use, or not an address of this "
                                f"machine): {exc}") from None
 
-    def begin_drain(self) -> asyncio.Task[None]:
-        """Starts the graceful shutdown once (later calls return the same task): health NOT_SERVING, new
-        requests UNAVAILABLE, in-flight ones get shutdown_grace_period_s to finish, the rest is cancelled."""
+    async def drain(self) -> None:
+        """The graceful shutdown, started once (later calls wait for the same one): health NOT_SERVING, new
+        requests UNAVAILABLE, in-flight ones get shutdown_grace_period_s to finish, the rest are ended CANCELLED."""
         if self._drain_task is None:
             self._drain_task = asyncio.ensure_future(self._drain())
-        return self._drain_task
-
-    async def drain(self) -> None:
-        await asyncio.shield(self.begin_drain())
+        await asyncio.shield(self._drain_task)
 
     async def _drain(self) -> None:
         grace = self.settings.shutdown_grace_period_s
         log.info("draining: %d requests in flight, grace period %.1f s", self.admission.in_flight, grace)
         await self.health.enter_graceful_shutdown()
         if not await self.admission.drain(grace):
-            log.warning("grace period over: cancelling %d requests", self.admission.in_flight)
+            log.warning("grace period over: ending %d requests (finish reason CANCELLED)", self.admission.in_flight)
+            await self.engine.shutdown()  # each call then sends its last response, with usage and statistics
         await self._stop()
-        self._closed.set()
         log.info("stopped")
 
     async def _stop(self) -> None:
-        """Cancels the RPCs left, then stops the engine and flushes telemetry."""
+        """Stops serving (calls still open get FINAL_RESPONSES_S to finish, then are cancelled), then stops the
+        engine and flushes telemetry."""
         if self._grpc is not None:
-            await self._grpc.stop(grace=None)
+            await self._grpc.stop(grace=FINAL_RESPONSES_S)
         await self.engine.shutdown()
         await asyncio.to_thread(self.telemetry.shutdown)  # flushing spans may wait on the OTLP collector
 
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
+
+def loaded_summary(config: Mapping[str, object]) -> str:
+    """One line saying what the engine loaded and how it sized its pools, from Engine.config()."""
+    names = {"model": "model", "resolved_device": "device", "resolved_dtype": "dtype", "decode_mode": "decode_mode",
+             "buffer_size": "buffer_size", "chunk_size": "chunk_size", "speculative_algorithm": "speculative_algorithm",
+             "request_slots": "request_slots", "state_slots": "state_slots", "kv_cache_tokens": "kv_cache_tokens"}
+    facts = [f"{shown} {config[key]}" for key, shown in names.items() if key in config]
+    if isinstance(pool_bytes := config.get("pool_bytes"), int):
+        facts.append(f"pools {pool_bytes / 2**20:.1f} MiB of memory_budget_bytes {config.get('memory_budget_bytes')}")
+    return "loaded " + ", ".join(facts)
+
+
+def exit_now(code: int) -> NoReturn:
+    """Ends the process at once, its log flushed, without the interpreter's teardown (seconds once torch is
+    loaded): for when the server has stopped, or a second signal says not to wait."""
+    logging.shutdown()
+    os._exit(code)
 
 
 def make_engine(settings: ServiceSettings) -> Engine:
@@ -214,9 +239,21 @@ def make_engine(settings: ServiceSettings) -> Engine:
 
 
 async def serve(settings: ServiceSettings) -> None:
-    """Runs a server until SIGTERM or SIGINT has drained it."""
+    """Runs a server until SIGTERM or SIGINT has drained it; a second signal exits at once. The signals are
+    handled from the start, so one that comes while the model loads drains the server as soon as it is up."""
     import torch  # for its OutOfMemoryError (the native engine imports torch anyway)
 
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(signum: signal.Signals) -> None:
+        if stop.is_set():
+            log.warning("%s again: exiting without draining", signum.name)
+            exit_now(128 + signum)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
     try:
         server = Server(settings, make_engine(settings))
         await server.start()
@@ -231,7 +268,5 @@ async def serve(settings: ServiceSettings) -> None:
         # supported model, or SGLang failing to start
         raise StartupError(f"engine start-up failed (model={settings.model!r}, device={settings.device}): "
                            f"{exc}") from None
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, server.begin_drain)
-    await server.wait_closed()
+    await stop.wait()
+    await server.drain()

@@ -90,7 +90,7 @@ class SamplingOptions(BaseModel):
     temperature: float | None = Field(None, ge=0, description="0: greedy")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling threshold (1: off)")
     top_k: int | None = Field(None, ge=0, description="sample from the k most likely tokens (0: off)")
-    seed: int | None = Field(None, ge=0, description="makes sampling repeatable")
+    seed: int | None = Field(None, ge=0, le=2**64 - 1, description="makes sampling repeatable (a uint64)")
     stop_strings: list[str] | None = Field(None, description="stop when the text ends with this string "
                                                              "(repeatable)")
     ignore_eos: bool | None = Field(None, description="keep generating after end-of-sequence")

@@ -1,6 +1,11 @@
 """The kvbuffer.v1 servicer: translates protocol messages to engine calls and engine outcomes to messages and
 status codes (the engine's field names in errors to the proto's). Validation, admission and telemetry live in
 their own modules; this one only wires them.
+
+The engine's `generate` validates and tokenizes a prompt, which takes milliseconds for a long one: it runs in a
+worker thread, never on the event loop that streams every other request. A request that ends in an engine error
+still gets its last response (streams), then a non-OK status: INTERNAL, or UNAVAILABLE once the engine has failed
+for good (retry on another replica).
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -99,6 +104,7 @@ class KVBufferServicer(pb_grpc.KVBufferServiceServicer):
         self._admission = admission
         self._telemetry = telemetry
         self._engine_name = engine_name
+        self._max_context_length = engine.model_info().max_context_length
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         # Written with context.write rather than as an async generator: a cancelled call then always
@@ -125,10 +131,10 @@ class KVBufferServicer(pb_grpc.KVBufferServiceServicer):
     async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, method: str,
                         emit: Callable[[pb.GenerateResponse], Awaitable[None]]) -> None:
         """Runs one request to its end, mapping every outcome to a status; nothing a client sends escapes as a crash."""
-        record = self._telemetry.request(method)
+        record = self._telemetry.request(method, context.invocation_metadata() or ())
         try:
             with self._admission.admit():
-                engine_request = validate_generate_request(request)
+                engine_request = validate_generate_request(request, self._max_context_length)
                 response_id = request.request_id or engine_request.request_id
                 record.admitted(engine_request, response_id)
                 final = await self._run(engine_request, response_id, record, emit)
@@ -145,25 +151,94 @@ class KVBufferServicer(pb_grpc.KVBufferServiceServicer):
             record.finish(grpc.StatusCode.INTERNAL, error="internal error")
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
         else:
-            record.finish(grpc.StatusCode.OK, final)
+            if final.finish_reason != "error":
+                record.finish(grpc.StatusCode.OK)
+                return
+            code, message = ((grpc.StatusCode.INTERNAL, "the engine failed while running this request; the server "
+                                                         "log has the details") if self._engine.healthy else
+                             (grpc.StatusCode.UNAVAILABLE, "the engine failed and serves no more requests; retry on "
+                                                           "another replica"))
+            record.finish(code, error=message)
+            await context.abort(code, message)
 
     async def _run(self, request: GenerateRequest, response_id: str, record: RequestRecord,
                    emit: Callable[[pb.GenerateResponse], Awaitable[None]]) -> GenerateChunk:
-        """Streams the engine's chunks out. Leaving early (cancel, deadline, error) closes the engine's iterator,
-        which cancels the engine request and frees its memory (Engine contract)."""
+        """Streams the engine's chunks out. Leaving early (error) closes the engine's iterator, which cancels the
+        engine request and frees its memory (Engine contract); a cancelled call (client, deadline) first has the
+        engine end the request, so that its last chunk (usage, statistics) reaches the span."""
         try:
-            generator = self._engine.generate(request)
+            generator = await asyncio.to_thread(self._engine.generate, request)  # validates and tokenizes
         except InvalidRequestError as exc:  # the engine's checks, named as the client knows the fields
             raise InvalidRequestError(proto_field(exc.field), exc.message) from None
-        async with contextlib.aclosing(generator) as chunks:
-            async for chunk in chunks:
-                record.chunk(chunk)
+        chunks = _Chunks(generator)
+        try:
+            while True:
+                chunk = await chunks.next()
                 await emit(response_message(response_id, chunk))
+                record.sent(chunk)
                 if chunk.finish_reason is not None:
                     return chunk
-        raise RuntimeError(f"engine ended request {request.request_id} without a finish reason")
+        except asyncio.CancelledError:
+            await self._engine.cancel(request.request_id)
+            record.ended(await chunks.last(_CANCELLED_FINAL_CHUNK_S))
+            raise
+        finally:
+            await chunks.close()
+
+
+# How long a cancelled call waits for the engine's last chunk of its request (the engine hands it over as it frees
+# the request, so at once; this only bounds a broken engine).
+_CANCELLED_FINAL_CHUNK_S = 5.0
+
+
+class _Chunks:
+    """The engine's chunks of one request, read by a task of their own. A cancelled call is cancelled wherever it
+    waits; were it waiting inside the engine's iterator, that would close it and lose the request's last chunk."""
+
+    def __init__(self, generator: AsyncGenerator[GenerateChunk, None]) -> None:
+        self._queue: asyncio.Queue[GenerateChunk | Exception] = asyncio.Queue()
+        self._reader = asyncio.ensure_future(self._read(generator))
+        self._final: GenerateChunk | None = None  # once next() has returned it
+
+    async def _read(self, generator: AsyncGenerator[GenerateChunk, None]) -> None:
+        async with contextlib.aclosing(generator) as chunks:
+            try:
+                async for chunk in chunks:
+                    self._queue.put_nowait(chunk)
+                    if chunk.finish_reason is not None:
+                        return
+                raise RuntimeError("the engine ended a request without a finish reason")
+            except Exception as exc:  # the caller raises it, as if it had read the iterator itself
+                self._queue.put_nowait(exc)
+
+    async def next(self) -> GenerateChunk:
+        item = await self._queue.get()
+        if isinstance(item, Exception):
+            raise item
+        if item.finish_reason is not None:
+            self._final = item
+        return item
+
+    async def last(self, timeout: float) -> GenerateChunk | None:
+        """The final chunk, skipping those before it; None if none comes within timeout or the stream failed."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(timeout):
+                while self._final is None:
+                    await self.next()
+        return self._final
+
+    async def close(self) -> None:
+        """Stops reading; an engine request not ended yet is cancelled (its iterator closed)."""
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+# The server's copy of a call's deadline runs from when the call arrived, so it passes a network latency after the
+# client's, and a client cancelling at its deadline is seen about as the server's passes: within this, it counts.
+_DEADLINE_MARGIN_S = 0.1
 
 
 def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
     remaining = context.time_remaining()
-    return remaining is not None and remaining <= 0
+    return remaining is not None and remaining <= _DEADLINE_MARGIN_S

@@ -196,7 +196,8 @@ class ServiceSettings(BaseSettings):
                                       "decode steps of up to this many requests run padded to a fixed shape, "
                                       "on CUDA by replaying a captured CUDA graph (one launch instead of "
                                       "hundreds); 0 turns this off")
-    seed: int = Field(_engine_default("seed"), description="seed of the engine's random generators")
+    seed: int = Field(_engine_default("seed"), description="seed of the embedded model's generated weights "
+                      "(requests sample from their own seed, or at random)")
 
     # SGLang (engine: sglang).
     sglang: SGLangSettings = Field(default_factory=SGLangSettings, description="SGLang")

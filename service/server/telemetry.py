@@ -1,7 +1,9 @@
 """Traces and metrics of the service (OpenTelemetry SDK); names and meanings are documented in docs/METRICS.md.
 
 Each server owns its providers (nothing global), so several can live in one process (tests) and each
-exposes exactly its own metrics. Traces go wherever the standard OTEL_* variables say; metrics are
+exposes exactly its own metrics. A request's span continues the caller's trace when the call carries one (W3C
+`traceparent` metadata, through the propagators OTEL_PROPAGATORS names). Traces go wherever the standard OTEL_*
+variables say; metrics are
 scraped by Prometheus from an HTTP port, and the KVBuffer counters are read from Engine.stats() at
 each scrape (observable instruments), once per collection so that every instrument reports the same
 snapshot, and the engine keeps no exporter-specific code.
@@ -14,14 +16,16 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from http.server import ThreadingHTTPServer
+from typing import Any
 
 import grpc
 from kvbuffer.service.engine.api import EngineStats, GenerateChunk, GenerateRequest, RequestStats
+from opentelemetry import propagate
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -42,7 +46,8 @@ _DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.
 # Engine gauges: OpenTelemetry name -> (EngineStats attribute, unit, description).
 _ENGINE_GAUGES = {
     "kvbuffer.queue_depth": ("waiting_requests", "{request}", "Requests admitted by the engine, waiting to run"),
-    "kvbuffer.running_requests": ("running_requests", "{request}", "Requests the engine is decoding"),
+    "kvbuffer.running_requests": ("running_requests", "{request}", "Requests the engine is decoding (their last "
+                                  "token on the device included)"),
     "kvbuffer.state_slots_used": ("state_slots_used", "{slot}", "Linear-attention state slots in use"),
     "kvbuffer.state_slots_total": ("state_slots_total", "{slot}", "Linear-attention state slots in the pool"),
     "kvbuffer.buffer_slots_used": ("buffer_slots_used", "{slot}", "KVBuffer buffer slots in use"),
@@ -86,7 +91,8 @@ class Telemetry:
                  metric_readers: Sequence[MetricReader] = ()) -> None:
         """span_processors and metric_readers come in addition to the OTEL_* exporters and Prometheus (tests
         pass in-memory ones)."""
-        resource = Resource.create({"service.name": "kvbuffer"})  # OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win
+        # the environment's OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win over the default name
+        resource = Resource.create({SERVICE_NAME: "kvbuffer"}).merge(OTELResourceDetector().detect())
         self.model = model
         self.tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         for processor in (*span_processors, *(BatchSpanProcessor(e) for e in span_exporters_from_env())):
@@ -108,7 +114,8 @@ class Telemetry:
             description="Time from receiving a request to its last response or error, by method and gRPC status")
         self.tokens = meter.create_counter(
             "kvbuffer.tokens", unit="{token}", description="Prompt (type=input) and generated (type=output) tokens "
-                                                          "of finished requests")
+                                                          "of the requests the engine ended (finished, cancelled, "
+                                                          "failed)")
         self._meter = meter
         self._metrics_http: ThreadingHTTPServer | None = None
 
@@ -139,8 +146,9 @@ class Telemetry:
         self._metrics_http, _thread = start_http_server(port, addr=host, registry=self.prometheus_registry)
         return self._metrics_http.server_address[1]
 
-    def request(self, method: str) -> RequestRecord:
-        return RequestRecord(self, method)
+    def request(self, method: str, metadata: Sequence[tuple[str, str | bytes]] = ()) -> RequestRecord:
+        """The record of one request; its span is a child of the trace context metadata carries, if any."""
+        return RequestRecord(self, method, metadata)
 
     def shutdown(self) -> None:
         """Stops the metrics endpoint and flushes pending spans."""
@@ -173,15 +181,17 @@ class _OncePerCollection:
 class RequestRecord:
     """The span and measurements of one generation request, fed by the servicer as the request progresses."""
 
-    def __init__(self, telemetry: Telemetry, method: str) -> None:
+    def __init__(self, telemetry: Telemetry, method: str, metadata: Sequence[tuple[str, str | bytes]]) -> None:
         self._telemetry = telemetry
         self._method = method
         self._start = time.perf_counter()
         self._first_token: float | None = None
         self._last_token = self._start
         self._output_tokens = 0
+        self._final: GenerateChunk | None = None
+        carrier: dict[str, Any] = {key: value for key, value in metadata if isinstance(value, str)}  # not -bin
         self.span = telemetry.tracer.start_span(
-            f"text_completion {telemetry.model}", kind=SpanKind.SERVER,
+            f"text_completion {telemetry.model}", context=propagate.extract(carrier), kind=SpanKind.SERVER,
             attributes={"gen_ai.operation.name": "text_completion", "gen_ai.provider.name": "kvbuffer",
                         "gen_ai.request.model": telemetry.model, "rpc.system": "grpc",
                         "rpc.service": "kvbuffer.v1.KVBufferService", "rpc.method": method})
@@ -198,7 +208,10 @@ class RequestRecord:
             attributes["gen_ai.request.stop_sequences"] = list(sampling.stop_strings)
         self.span.set_attributes(attributes)
 
-    def chunk(self, chunk: GenerateChunk) -> None:
+    def sent(self, chunk: GenerateChunk) -> None:
+        """A chunk went out to the client (the last one included)."""
+        if chunk.finish_reason is not None:
+            self._final = chunk
         if not chunk.token_ids:
             return
         now = time.perf_counter()
@@ -209,9 +222,14 @@ class RequestRecord:
         self._last_token = now
         self._output_tokens += len(chunk.token_ids)
 
-    def finish(self, code: grpc.StatusCode, final: GenerateChunk | None = None, error: str = "") -> None:
-        """Ends the span and records the request's metrics; final is the chunk carrying finish_reason, if any."""
-        telemetry, span = self._telemetry, self.span
+    def ended(self, final: GenerateChunk | None) -> None:
+        """The engine's last chunk of a request whose call was cancelled or ran out of time (None if it never
+        reached the engine): its usage and statistics, though nothing more went out."""
+        self._final = final
+
+    def finish(self, code: grpc.StatusCode, error: str = "") -> None:
+        """Ends the span and records the request's metrics, with the usage of its last chunk, if any."""
+        telemetry, span, final = self._telemetry, self.span, self._final
         telemetry.duration.record(time.perf_counter() - self._start, {"method": self._method, "status": code.name})
         if self._first_token is not None and self._output_tokens > 1:
             telemetry.tpot.record((self._last_token - self._first_token) / (self._output_tokens - 1))
@@ -223,6 +241,8 @@ class RequestRecord:
                                  "gen_ai.response.finish_reasons": [final.finish_reason or ""]})
             if final.stats is not None:
                 self._stats(final.stats)
+        elif code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
+            span.set_attribute("gen_ai.response.finish_reasons", ["cancelled"])
         span.set_attribute("rpc.grpc.status_code", code.value[0])
         if code != grpc.StatusCode.OK:
             span.set_attribute("error.type", code.name)

@@ -3,9 +3,10 @@ type or raising InvalidRequestError naming the proto field (`sampling.stop_strin
 INVALID_ARGUMENT.
 
 Checks here are only the ones the protocol itself implies: which fields are set (the prompt oneof), the
-request id, and the sizes of lists and strings. Every range check (vocabulary, context length, sampling
-values) is the engine's (service/engine/validation.py); the servicer renames the fields in its errors to
-the proto's.
+request id, and the sizes of lists and strings, the token-id prompt's included (with the engine's own check, so
+that a huge list is refused before its ids are converted). Every range check (vocabulary, context length of a
+text prompt, sampling values) is the engine's (service/engine/validation.py); the servicer renames the fields in
+its errors to the proto's.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import uuid
 
 from kvbuffer.service.engine.api import GenerateRequest, InvalidRequestError, SamplingParams
+from kvbuffer.service.engine.validation import check_prompt_length
 from kvbuffer.v1 import kvbuffer_pb2 as pb
 
 MAX_REQUEST_ID_CHARS = 128
@@ -49,13 +51,15 @@ def validate_sampling_params(message: pb.SamplingParams, field: str) -> Sampling
     )
 
 
-def validate_generate_request(message: pb.GenerateRequest) -> GenerateRequest:
+def validate_generate_request(message: pb.GenerateRequest, max_context_length: int) -> GenerateRequest:
     """A generation request. The engine request id is always fresh and unique: callers' ids may collide."""
     request_id = message.request_id
     _check(len(request_id) <= MAX_REQUEST_ID_CHARS and (request_id.isascii() and request_id.isprintable()),
            "request_id", f"must be at most {MAX_REQUEST_ID_CHARS} printable ASCII characters")
     prompt = message.WhichOneof("prompt")
     _check(prompt is not None, "prompt", "set either text or token_ids")
+    if prompt == "token_ids":
+        check_prompt_length(len(message.token_ids.ids), "token_ids.ids", max_context_length)
     return GenerateRequest(
         request_id=uuid.uuid4().hex,
         prompt=message.text if prompt == "text" else None,

@@ -80,7 +80,11 @@ def spec_schema() -> dict[str, Any]:
     schema["x-kubernetes-validations"] = [
         {"rule": "(has(self.gpusPerReplica) ? self.gpusPerReplica : 0) % "
                  "(has(self.tensorParallelSize) ? self.tensorParallelSize : 1) == 0",
-         "message": "gpusPerReplica must be a multiple of tensorParallelSize", "fieldPath": ".gpusPerReplica"}]
+         "message": "gpusPerReplica must be a multiple of tensorParallelSize", "fieldPath": ".gpusPerReplica"},
+        {"rule": "(has(self.tensorParallelSize) ? self.tensorParallelSize : 1) == 1 || "
+                 "(has(self.engine) && self.engine == 'sglang')",
+         "message": "tensorParallelSize > 1 needs engine sglang (the native engine runs one GPU)",
+         "fieldPath": ".tensorParallelSize"}]
     return schema
 
 

@@ -71,14 +71,16 @@ class KVBufferServiceSpec(BaseModel):
         if self.gpus_per_replica % self.tensor_parallel_size:
             raise ValueError(f"gpusPerReplica ({self.gpus_per_replica}) must be a multiple of "
                              f"tensorParallelSize ({self.tensor_parallel_size})")
+        if self.tensor_parallel_size > 1 and self.engine != "sglang":
+            raise ValueError("tensorParallelSize > 1 needs engine sglang (the native engine runs one GPU)")
         return self
 
     def server_settings(self) -> dict[str, Any]:
         """What `kvbuffer serve` reads from its config file: the CR's settings plus those the operator fixes."""
         fixed: dict[str, Any] = {"model": self.model, "engine": self.engine, "port": GRPC_PORT,
                                  "metrics_port": METRICS_PORT, "device": "cuda" if self.gpus_per_replica else "cpu"}
-        if TENSOR_PARALLEL_SETTING in ServiceSettings.model_fields:
-            fixed[TENSOR_PARALLEL_SETTING] = self.tensor_parallel_size
+        if self.engine == "sglang":  # SGLang splits each replica's model over tensorParallelSize GPUs
+            fixed["sglang"] = {**self.settings.get("sglang", {}), TENSOR_PARALLEL_SETTING: self.tensor_parallel_size}
         return {**self.settings, **fixed}
 
 

@@ -26,7 +26,7 @@ from helm_harness import (
     values_args,
     values_schema_module,
 )
-from kvbuffer.service.server.settings import load_settings
+from kvbuffer.service.server.settings import ServiceSettings, load_settings
 
 KUBERNETES_VERSION = "1.35.0"
 # Kinds of the Prometheus operator, whose schemas no registry package here ships: their content is checked by
@@ -148,10 +148,12 @@ def test_server_deployment_serves_the_values_settings_on_gpus(tmp_path: Path) ->
                 "decode_mode": random.choice(["kvbuffer", "recurrent"])}
     objects = render(None, "server.enabled=true", f"server.gpusPerReplica={gpus}", "server.engine=sglang",
                      f"server.tensorParallelSize={gpus}", "server.model=/models/q",
-                     *(f"server.settings.{k}={v}" for k, v in settings.items()))
+                     *(f"server.settings.{k}={v}" for k, v in settings.items()), "server.settings.sglang.quantization=fp8")
     rendered = _settings_file(objects)
-    assert rendered == {**settings, "model": "/models/q", "engine": "sglang", "device": "cuda", "tp_size": gpus,
+    assert rendered == {**settings, "model": "/models/q", "engine": "sglang", "device": "cuda",
+                        "sglang": {"tp_size": gpus, "quantization": "fp8"},
                         "host": "0.0.0.0", "port": 50051, "metrics_port": 9464}
+    assert ServiceSettings(**rendered).sglang.tp_size == gpus  # the service reads the file the chart writes
     (container,) = _server(objects)["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
     assert container["image"] == "kvbuffer:0.1.0"  # the GPU image (SGLang's CUDA libraries)

@@ -118,6 +118,7 @@ BAD_EDITS = [
     ({"settings": {"decode_mode": "recurrent", "speculative_algorithm": "ngram", "chunk_size": 16}}, "cel",
      "speculative decoding needs decode_mode kvbuffer"),
     ({"gpusPerReplica": 3, "tensorParallelSize": 2}, "cel", "multiple of tensorParallelSize"),
+    ({"engine": "native", "gpusPerReplica": 2, "tensorParallelSize": 2}, "cel", "needs engine sglang"),
     ({"autoscaling": {"minReplicas": 6, "maxReplicas": 3}}, "cel", "minReplicas must be <= maxReplicas"),
     ({"autoscaling": {"minReplicas": 6}}, "cel", "minReplicas must be <= maxReplicas"),  # default maxReplicas 4
     ({"model": "another-model"}, "cel", "model is immutable"),

@@ -23,10 +23,12 @@ KUBERNETES_VERSION = "1.32.0"  # the schemas the objects must fit (kubectl and t
 def random_spec(rng: random.Random) -> KVBufferServiceSpec:
     tp = rng.choice([1, 2, 4])
     buffer_size = rng.randint(16, 128)
+    sglang = tp > 1 or rng.random() < 0.5  # the native engine runs one GPU
     return parse_spec({
-        "model": rng.choice(["embedded:tiny-qwen3-next", "/models/qwen3-next"]),
+        "model": "/models/qwen3-next" if sglang else rng.choice(["embedded:tiny-qwen3-next", "/models/qwen3-next"]),
+        "engine": "sglang" if sglang else "native",
         "replicas": rng.randint(0, 8),
-        "gpusPerReplica": tp * rng.randint(0, 2),
+        "gpusPerReplica": tp * rng.randint(1 if sglang else 0, 2),
         "tensorParallelSize": tp,
         "resources": {"requests": {"cpu": rng.randint(1, 8), "memory": f"{rng.randint(1, 64)}Gi"}},
         "settings": {"buffer_size": buffer_size, "chunk_size": rng.randint(1, buffer_size),
@@ -69,7 +71,7 @@ def test_settings_change_rolls_and_replicas_change_does_not() -> None:
 
 
 def test_deployment_keeps_capacity_and_probes_grpc() -> None:
-    spec = parse_spec({"model": "m", "gpusPerReplica": 4, "tensorParallelSize": 2,
+    spec = parse_spec({"model": "m", "engine": "sglang", "gpusPerReplica": 4, "tensorParallelSize": 2,
                        "settings": {"shutdown_grace_period_s": 45}})
     obj = deployment("a", "ns", "uid-1", spec)
     assert obj["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}

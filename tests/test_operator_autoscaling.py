@@ -22,8 +22,7 @@ import pytest
 import pytest_asyncio
 from kvbuffer.operator import metrics
 from kvbuffer.operator import resource as r
-
-from tests.operator_emulator import (
+from operator_emulator import (
     NAMESPACE,
     Cluster,
     condition,
@@ -33,7 +32,7 @@ from tests.operator_emulator import (
     running_operator,
     wait_for,
 )
-from tests.service_harness import RunningServer
+from service_harness import RunningServer
 
 pytestmark = pytest.mark.asyncio
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,8 +19,7 @@ import pytest
 import pytest_asyncio
 from kvbuffer.operator import metrics, peering
 from kvbuffer.service.cli import build_parser, main
-
-from tests.operator_emulator import (
+from operator_emulator import (
     NAMESPACE,
     Cluster,
     emulated_api,

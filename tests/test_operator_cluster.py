@@ -19,9 +19,8 @@ from kvbuffer.operator.cluster import Cluster, api_client
 from kvbuffer.operator.render import desired_objects
 from kvbuffer.operator.spec import parse_spec
 from kvbuffer.operator.status import set_condition
-
-from tests.operator_emulator import CR, emulated_api
-from tests.operator_emulator import Cluster as Api
+from operator_emulator import CR, emulated_api
+from operator_emulator import Cluster as Api
 
 pytestmark = pytest.mark.asyncio
 

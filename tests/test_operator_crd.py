@@ -16,9 +16,8 @@ import pytest
 import yaml
 from kvbuffer.operator import crd, peering, rbac
 from kvbuffer.operator.spec import CR_SETTINGS, SpecError, parse_spec
-
-from tests.operator_emulator import crd_to_jsonschema
-from tests.test_operator_render import KUBERNETES_VERSION
+from operator_emulator import crd_to_jsonschema
+from test_operator_render import KUBERNETES_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "deploy" / "examples").glob("*.yaml"))

@@ -19,8 +19,7 @@ import pytest_asyncio
 import yaml
 from kvbuffer.operator import metrics, peering
 from kvbuffer.operator import resource as r
-
-from tests.operator_emulator import (
+from operator_emulator import (
     Cluster,
     condition,
     emulated_api,

@@ -152,6 +152,14 @@ def test_settings_reach_sglang_as_its_server_args(model_dir: Path) -> None:
     assert resolve(model_dir, cuda_graph_max_batch=48).cuda_graph_max_bs_decode == 48
 
 
+def test_decode_mode_kvbuffer_runs_sglang_without_its_radix_cache(model_dir: Path) -> None:
+    """The plugin refuses SGLang's radix cache (its extra_buffer state tracking is unproven with KVBuffer), so the
+    adapter turns it off for decode_mode kvbuffer and leaves SGLang's default for recurrent."""
+    assert resolve(model_dir, decode_mode="kvbuffer").disable_radix_cache
+    recurrent = resolve(model_dir, decode_mode="recurrent")
+    assert not recurrent.disable_radix_cache and recurrent.mamba_radix_cache_strategy == "extra_buffer"
+
+
 def test_nextn_speculation_is_a_chain_of_the_draft_tokens(model_dir: Path) -> None:
     drafts = random.randrange(1, 8)
     args = resolve(model_dir, speculative_algorithm="nextn", speculative_num_draft_tokens=drafts, buffer_size=64)

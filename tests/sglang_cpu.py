@@ -17,10 +17,12 @@ Two shims make `import sglang` work on a CPU machine, both outside SGLang's GDN 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,10 +35,12 @@ if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+H200_MEMORY_MIB = 141 * 1024
 TORCHVISION_DIR = Path(__file__).resolve().parent.parent / ".sglang-cpu"  # .ci/run installs torchvision there
 
 
-def _import_sglang() -> None:
+def import_sglang() -> None:
+    """Imports SGLang's GDN path (and so its ServerArgs and sampling modules) with the two shims above."""
     if TORCHVISION_DIR.is_dir() and str(TORCHVISION_DIR) not in sys.path:
         sys.path.append(str(TORCHVISION_DIR))
     try:
@@ -59,7 +63,8 @@ def _import_sglang() -> None:
     AutoConfig.register = tolerant
     try:
         import sglang.srt.layers.attention.hybrid_linear_attn_backend
-        import sglang.srt.layers.attention.linear.gdn_backend  # noqa: F401
+        import sglang.srt.layers.attention.linear.gdn_backend
+        import sglang.srt.server_args  # noqa: F401
     finally:
         AutoConfig.register = register
 
@@ -67,7 +72,7 @@ def _import_sglang() -> None:
 def require_sglang() -> None:
     """Skips the calling test module, with the reason, where SGLang 0.5.17 cannot be imported."""
     try:
-        _import_sglang()
+        import_sglang()
     except Exception as e:  # any import failure: a missing optional package, another SGLang release
         pytest.skip(f"sglang is not importable here ({type(e).__name__}: {e}); .ci/run installs it",
                     allow_module_level=True)
@@ -208,3 +213,17 @@ def conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tenso
         if intermediate_conv_window is None:
             conv_state[slot] = state
     return out[..., 0] if single else out
+
+
+@contextlib.contextmanager
+def gpu_free_server_args() -> Iterator[None]:
+    """SGLang's ServerArgs resolves as on one H200: its resolution asks the platform whether CUDA is present and how
+    much memory the GPU has, which a CPU cannot answer; everything else (the argument checks, the model config it
+    reads from the model directory) is SGLang's own."""
+    require_sglang()
+    import sglang.srt.server_args as server_args
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(server_args, "is_cuda", lambda: True)
+        patch.setattr(server_args, "get_device_memory_capacity", lambda device=None: H200_MEMORY_MIB)
+        yield

@@ -148,7 +148,8 @@ def test_server_deployment_serves_the_values_settings_on_gpus(tmp_path: Path) ->
                 "decode_mode": random.choice(["kvbuffer", "recurrent"])}
     objects = render(None, "server.enabled=true", f"server.gpusPerReplica={gpus}", "server.engine=sglang",
                      f"server.tensorParallelSize={gpus}", "server.model=/models/q",
-                     *(f"server.settings.{k}={v}" for k, v in settings.items()), "server.settings.sglang.quantization=fp8")
+                     *(f"server.settings.{k}={v}" for k, v in settings.items()),
+                     "server.settings.sglang.quantization=fp8")
     rendered = _settings_file(objects)
     assert rendered == {**settings, "model": "/models/q", "engine": "sglang", "device": "cuda",
                         "sglang": {"tp_size": gpus, "quantization": "fp8"},

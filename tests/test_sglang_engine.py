@@ -288,8 +288,12 @@ def test_sglang_failure_is_unavailable_and_not_serving(tokenizer: Any) -> None:
         async def go() -> None:
             async with server.client() as client:
                 assert await client.health() == "SERVING"
-                responses = await collect(client.generate([4, 4, 4], max_new_tokens=50, ignore_eos=True))
+                responses: list[pb.GenerateResponse] = []
+                with pytest.raises(grpc.aio.AioRpcError) as ended:  # the final ERROR message, then a non-OK status
+                    async for response in client.generate([4, 4, 4], max_new_tokens=50, ignore_eos=True):
+                        responses.append(response)
                 assert responses[-1].finish_reason == pb.FINISH_REASON_ERROR
+                assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
                 assert [await client.health(""), await client.health()] == ["NOT_SERVING", "NOT_SERVING"]
                 with pytest.raises(grpc.aio.AioRpcError) as error:
                     await client.generate_unary([4], max_new_tokens=2)
@@ -317,8 +321,12 @@ def test_a_dying_sglang_process_fails_the_engine_not_the_server(tokenizer: Any) 
                 call = client.generate([6, 6], max_new_tokens=500, ignore_eos=True)
                 await anext(aiter(call))
                 os.kill(os.getpid(), signal.SIGQUIT)
-                rest = await collect(call)
+                rest: list[pb.GenerateResponse] = []
+                with pytest.raises(grpc.aio.AioRpcError) as ended:  # the final ERROR message, then UNAVAILABLE
+                    async for response in call:
+                        rest.append(response)
                 assert rest[-1].finish_reason == pb.FINISH_REASON_ERROR
+                assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
                 assert await client.health() == "NOT_SERVING"
         finally:
             await server.drain()

@@ -18,7 +18,7 @@ from kvbuffer.service.model import tiny
 from kvbuffer.service.server.settings import SettingsError, load_settings
 from kvbuffer.service.sglang.engine import sglang_sampling
 from kvbuffer.service.sglang.settings import SGLangSettingsError, build_server_args, plugin_environment
-from sglang_serverargs import gpu_free_server_args
+from sglang_cpu import gpu_free_server_args
 
 SGLANG = {"engine": "sglang", "model": "/models/qwen3-next"}
 

@@ -5,12 +5,25 @@ Every engine (the native one, later SGLang) implements `Engine`; the gRPC layer 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 DecodePath = Literal["stateless", "buffered", "recurrent"]
+
+
+log = logging.getLogger(__name__)
+
+
+def notify_failure(callbacks: list[Callable[[], None]]) -> None:
+    """Runs an engine's `on_failure` callbacks; one broken observer must not keep the failure from the others."""
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:
+            log.exception("engine failure callback failed")
 
 
 class InvalidRequestError(ValueError):

@@ -32,6 +32,7 @@ from .api import (
     InvalidRequestError,
     ModelInfo,
     OverloadedError,
+    notify_failure,
 )
 from .config import EngineConfig
 from .core import EngineCore, dtype_name
@@ -227,11 +228,7 @@ class NativeEngine:
         with self._ids:
             self._stopping = self._failed = True
             callbacks, self._failure_callbacks = self._failure_callbacks, []
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception:  # one broken observer must not keep the failure from the others, or the streams
-                log.exception("engine failure callback failed")
+        notify_failure(callbacks)
 
     def _end_all_streams(self) -> None:
         """The engine has failed: every stream still open ends with "error"."""

@@ -47,6 +47,7 @@ from kvbuffer.service.engine.api import (
     ModelInfo,
     OverloadedError,
     SamplingParams,
+    notify_failure,
 )
 from kvbuffer.service.engine.validation import validate_request
 
@@ -337,11 +338,7 @@ class SGLangEngine:
         self._failed = True
         log.error("SGLang failed: %s; ending %d requests, refusing new ones", reason, len(self._requests))
         callbacks, self._failure_callbacks = self._failure_callbacks, []
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception:  # one broken observer must not keep the failure from the others, or the streams
-                log.exception("engine failure callback failed")
+        notify_failure(callbacks)
         for req in list(self._requests.values()):
             req.chunks.put_nowait(GenerateChunk([], "", finish_reason="error", prompt_tokens=req.prompt_tokens,
                                                 completion_tokens=req.completion_tokens))

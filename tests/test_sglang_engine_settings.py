@@ -177,14 +177,16 @@ def test_nextn_speculation_is_a_chain_of_the_draft_tokens(model_dir: Path) -> No
      "sglang.extra_server_args.no_such_argument: no_such_argument is not a server argument of SGLang"),
     ({"sglang": {"extra_server_args": {"disable_overlap_schedule": "maybe"}}},
      "sglang.extra_server_args.disable_overlap_schedule: disable_overlap_schedule is a switch"),
-    ({"sglang": {"extra_server_args": {"mamba_radix_cache_strategy": "no_buffer"}}},
+    # decode_mode recurrent: SGLang's radix cache stays on (kvbuffer turns it off), whose checks these are
+    ({"decode_mode": "recurrent", "sglang": {"extra_server_args": {"mamba_radix_cache_strategy": "no_buffer"}}},
      "sglang.extra_server_args.mamba_radix_cache_strategy: SGLang refuses mamba_radix_cache_strategy='no_buffer': "
      "no_buffer do not support overlap schedule"),
     ({"max_context_length": 100_000}, "max_context_length: SGLang refuses context_length=100000: "),
     ({"speculative_algorithm": "nextn", "buffer_size": 64, "sglang": {"extra_server_args": {"pp_size": "2"}}},
      "sglang.extra_server_args.pp_size: SGLang refuses pp_size=2: Pipeline parallelism is not compatible with "
      "overlap schedule, speculative decoding"),
-    ({"sglang": {"extra_server_args": {"page_size": "3"}}}, "sglang.extra_server_args.page_size: SGLang refuses "
+    ({"decode_mode": "recurrent", "sglang": {"extra_server_args": {"page_size": "3"}}},
+     "sglang.extra_server_args.page_size: SGLang refuses "
      "page_size=3: AssertionError in server_args.py:"),
 ])
 def test_what_sglang_refuses_stops_startup_naming_the_setting(model_dir: Path, settings: dict[str, Any],

@@ -152,6 +152,14 @@ def test_settings_reach_sglang_as_its_server_args(model_dir: Path) -> None:
     assert resolve(model_dir, cuda_graph_max_batch=48).cuda_graph_max_bs_decode == 48
 
 
+def test_decode_mode_kvbuffer_runs_sglang_without_its_radix_cache(model_dir: Path) -> None:
+    """The plugin refuses SGLang's radix cache (its extra_buffer state tracking is unproven with KVBuffer), so the
+    adapter turns it off for decode_mode kvbuffer and leaves SGLang's default for recurrent."""
+    assert resolve(model_dir, decode_mode="kvbuffer").disable_radix_cache
+    recurrent = resolve(model_dir, decode_mode="recurrent")
+    assert not recurrent.disable_radix_cache and recurrent.mamba_radix_cache_strategy == "extra_buffer"
+
+
 def test_nextn_speculation_is_a_chain_of_the_draft_tokens(model_dir: Path) -> None:
     drafts = random.randrange(1, 8)
     args = resolve(model_dir, speculative_algorithm="nextn", speculative_num_draft_tokens=drafts, buffer_size=64)
@@ -169,14 +177,16 @@ def test_nextn_speculation_is_a_chain_of_the_draft_tokens(model_dir: Path) -> No
      "sglang.extra_server_args.no_such_argument: no_such_argument is not a server argument of SGLang"),
     ({"sglang": {"extra_server_args": {"disable_overlap_schedule": "maybe"}}},
      "sglang.extra_server_args.disable_overlap_schedule: disable_overlap_schedule is a switch"),
-    ({"sglang": {"extra_server_args": {"mamba_radix_cache_strategy": "no_buffer"}}},
+    # decode_mode recurrent: SGLang's radix cache stays on (kvbuffer turns it off), whose checks these are
+    ({"decode_mode": "recurrent", "sglang": {"extra_server_args": {"mamba_radix_cache_strategy": "no_buffer"}}},
      "sglang.extra_server_args.mamba_radix_cache_strategy: SGLang refuses mamba_radix_cache_strategy='no_buffer': "
      "no_buffer do not support overlap schedule"),
     ({"max_context_length": 100_000}, "max_context_length: SGLang refuses context_length=100000: "),
     ({"speculative_algorithm": "nextn", "buffer_size": 64, "sglang": {"extra_server_args": {"pp_size": "2"}}},
      "sglang.extra_server_args.pp_size: SGLang refuses pp_size=2: Pipeline parallelism is not compatible with "
      "overlap schedule, speculative decoding"),
-    ({"sglang": {"extra_server_args": {"page_size": "3"}}}, "sglang.extra_server_args.page_size: SGLang refuses "
+    ({"decode_mode": "recurrent", "sglang": {"extra_server_args": {"page_size": "3"}}},
+     "sglang.extra_server_args.page_size: SGLang refuses "
      "page_size=3: AssertionError in server_args.py:"),
 ])
 def test_what_sglang_refuses_stops_startup_naming_the_setting(model_dir: Path, settings: dict[str, Any],

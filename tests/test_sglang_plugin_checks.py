@@ -46,6 +46,8 @@ def test_bad_settings_name_the_setting(env: dict[str, str], named: str) -> None:
     ({"disaggregation_mode": "decode"}, "disaggregation_mode"),
     ({"mamba_ssm_dtype": "bfloat16"}, "mamba_ssm_dtype"),
     ({"disable_radix_cache": False, "mamba_radix_cache_strategy": "no_buffer"}, "mamba_radix_cache_strategy"),
+    ({"disable_radix_cache": False, "mamba_radix_cache_strategy": "extra_buffer", "extra_buffer": True},
+     "disable_radix_cache"),
     ({"speculative_algorithm": "EAGLE", "speculative_eagle_topk": 4, "speculative_num_draft_tokens": 4},
      "speculative_eagle_topk"),
     ({"speculative_algorithm": "NGRAM", "speculative_ngram_max_bfs_breadth": 2, "speculative_eagle_topk": 2,
@@ -64,7 +66,6 @@ def test_forbidden_combinations_are_refused_naming_the_setting(overrides: dict, 
 def test_supported_combinations_pass() -> None:
     settings = PluginSettings(speculative_num_draft_tokens=4)
     assert server_args_problem(sglang_args(), settings) is None
-    assert server_args_problem(sglang_args(disable_radix_cache=False, extra_buffer=True), settings) is None
     assert server_args_problem(sglang_args(speculative_algorithm="NEXTN", speculative_eagle_topk=1,
                                            speculative_num_draft_tokens=4), settings) is None
     # NGRAM at breadth 1 (SGLang then sets speculative_eagle_topk 1 and verifies the drafts as one chain)

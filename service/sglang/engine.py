@@ -16,6 +16,12 @@ Failure: an SGLang process that dies makes SGLang's watchdog send SIGQUIT to thi
 that signal (on the main thread's event loop) instead of SGLang's handler, which would kill the process tree.
 So does an exception out of SGLang's request path. Either turns the engine unhealthy for good: open requests
 end with "error", new ones get EngineFailedError, the `on_failure` callbacks run (health NOT_SERVING).
+
+Failure while SGLang starts: SGLang's parent waits for every scheduler's ready message as long as the scheduler
+process is alive, and a scheduler that raised stays alive while its non-daemon threads run; SGLang's own SIGQUIT
+handler ends that wait by killing the process tree. Ours (`_launch_failed`) raises `SGLangDied` into the
+waiting main thread instead, and `start` then kills the SGLang processes the launch left (they are non-daemon
+children: the interpreter's exit would wait for them) and raises EngineFailedError, one line.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import dataclasses
 import logging
 import os
 import signal
+import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -208,20 +215,31 @@ class SGLangEngine:
 
     async def start(self) -> None:
         """Starts SGLang on this thread and event loop: it blocks while SGLang loads the model; SGLang installs
-        its signal handlers from the main thread and runs its output loop on the loop that first uses it."""
+        its signal handlers from the main thread and runs its output loop on the loop that first uses it. A
+        failed start (an SGLang process died: SIGQUIT, or SGLang raised) stops what SGLang started and raises
+        EngineFailedError."""
         if self._runtime is not None:
             return
+        main = threading.current_thread() is threading.main_thread()
+        before = _child_pids()
+        if main:
+            signal.signal(signal.SIGQUIT, _launch_failed)  # SGLang installs it again (custom_sigquit_handler)
         try:
             runtime = self._launch()
-        except Exception as exc:  # SGLang reports a failed start as RuntimeError, its checks as ValueError, ...
+            manager = runtime.tokenizer_manager
+            manager.auto_create_handle_loop()  # its output loop; in the main thread it also claims SIGTERM, SIGQUIT
+            if main:
+                asyncio.get_running_loop().add_signal_handler(signal.SIGQUIT, self._fail,
+                                                              "an SGLang process died (SIGQUIT from SGLang)")
+            else:  # SGLang's own SIGQUIT handling stays
+                log.warning("SGLang runs outside the main thread: a dying SGLang process is seen only by its "
+                            "requests")
+        except (Exception, SGLangDied) as exc:  # SGLang reports a failed start as RuntimeError, its checks as
+            # ValueError, ...
+            if main:
+                signal.signal(signal.SIGQUIT, signal.SIG_IGN)  # the processes being stopped may signal again
+            _kill_new_children(before)
             raise EngineFailedError(f"SGLang did not start: {_one_line(exc)}") from exc
-        manager = runtime.tokenizer_manager
-        manager.auto_create_handle_loop()  # its output loop; in the main thread it also claims SIGTERM, SIGQUIT
-        try:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGQUIT, self._fail,
-                                                          "an SGLang process died (SIGQUIT from SGLang)")
-        except (RuntimeError, ValueError):  # not the main thread: SGLang's own SIGQUIT handling stays
-            log.warning("SGLang runs outside the main thread: a dying SGLang process is seen only by its requests")
         self._context_length = manager.context_len - getattr(manager, "num_reserved_tokens", 0)
         self._tokenizer = _ModelTokenizer(manager.tokenizer, manager.model_config.vocab_size)
         self._counters.slots_total = runtime.server_args.max_running_requests
@@ -390,7 +408,31 @@ def build_sglang_engine(settings: ServiceSettings) -> SGLangEngine:
                                                         or environment[COUNTERS_DIR_ENV]))
 
 
+class SGLangDied(BaseException):
+    """Raised by the SIGQUIT handler into the thread starting SGLang. A BaseException, so that no `except
+    Exception` of SGLang's start-up swallows it."""
+
+
 def _launch_failed(signum: int, frame: object) -> None:
-    """SGLang's SIGQUIT while it starts: a process of it died; `sglang.Engine` raises for it right after."""
-    with contextlib.suppress(Exception):
-        log.error("an SGLang process died while SGLang started")
+    """SGLang's SIGQUIT while it starts: a process of it died or hit an exception (logged above by SGLang)."""
+    raise SGLangDied("an SGLang process died or failed while SGLang started (SIGQUIT from SGLang; its log says "
+                     "why)")
+
+
+def _child_pids() -> set[int]:
+    import psutil
+
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
+def _kill_new_children(before: set[int]) -> None:
+    """Kills this process's descendants that are not in `before`: what a failed SGLang start left running."""
+    import psutil
+
+    left = [child for child in psutil.Process().children(recursive=True) if child.pid not in before]
+    for child in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(left, timeout=10)
+    if left:
+        log.error("stopped %d SGLang process(es) left by the failed start", len(left))

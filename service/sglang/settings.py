@@ -21,7 +21,8 @@ Mapping, kvbuffer setting -> SGLang argument:
   SGLang's processes in its environment variables (plugin_environment)
 Fixed by the adapter: incremental_streaming_output (chunks are deltas), skip_tokenizer_init off (SGLang
 tokenizes and detokenizes with the model directory's tokenizer); log_level one step quieter for SGLang (its info
-logs batches).
+logs batches); with decode_mode kvbuffer, disable_radix_cache (the plugin serves no radix cache yet; an
+extra_server_args value false is refused by the plugin, naming it).
 """
 
 from __future__ import annotations
@@ -140,6 +141,8 @@ def server_arguments(settings: ServiceSettings) -> list[ServerArg]:
             ServerArg("seed", "random_seed", settings.seed),
             ServerArg("max_running_requests", "max_running_requests", settings.max_running_requests),
             ServerArg("max_waiting_requests", "max_queued_requests", settings.max_waiting_requests)]
+    if settings.decode_mode == "kvbuffer":  # the plugin refuses SGLang's radix cache (plugin/checks.py)
+        args.append(ServerArg("decode_mode", "disable_radix_cache", True))
     if "max_context_length" in given:
         args.append(ServerArg("max_context_length", "context_length", settings.max_context_length))
     if "cuda_graph_max_batch" in given:

@@ -50,10 +50,11 @@ def server_args_problem(args: Any, settings: PluginSettings) -> str | None:
         return "kvbuffer: enable_page_major_kv_layout strides the state pool; the KVBuffer kernels need it dense"
     if getattr(args, "mamba_ssm_dtype", None) not in (None, "float32"):
         return f"kvbuffer: mamba_ssm_dtype={args.mamba_ssm_dtype!r}: the KVBuffer kernels keep float32 states"
-    radix = not getattr(args, "disable_radix_cache", False)
-    if radix and not args.enable_mamba_extra_buffer():
-        return (f"kvbuffer: the radix cache with mamba_radix_cache_strategy={args.mamba_radix_cache_strategy!r} "
-                "caches states that lag the buffer; use 'extra_buffer' or disable_radix_cache")
+    if not getattr(args, "disable_radix_cache", False):
+        # no_buffer caches states that lag the buffer; extra_buffer's state tracking (mamba_track_mask, track slots)
+        # has never run with the plugin (its start hung on a GPU after decode graph capture): refused until it has
+        return (f"kvbuffer: decode_mode=kvbuffer runs without SGLang's radix cache (mamba_radix_cache_strategy="
+                f"{args.mamba_radix_cache_strategy!r} is not supported with it); set disable_radix_cache")
     if getattr(args, "speculative_algorithm", None):
         # NGRAM: SGLang sets speculative_eagle_topk to speculative_ngram_max_bfs_breadth. At 1 its GDN verify runs the
         # drafts as one chain (no retrieve_parent_token) and commits the state at the last accepted node's index;
@@ -70,9 +71,6 @@ def server_args_problem(args: Any, settings: PluginSettings) -> str | None:
             return (f"kvbuffer: speculative_num_draft_tokens is {drafts} in SGLang and "
                     f"{settings.speculative_num_draft_tokens} in KVBUFFER_SGLANG_SPECULATIVE_NUM_DRAFT_TOKENS; "
                     "they must match (chunk_size + speculative_num_draft_tokens <= buffer_size)")
-        if radix:
-            return ("kvbuffer: speculative decoding with the radix cache tracks per-draft states; set "
-                    "disable_radix_cache")
     return None
 
 

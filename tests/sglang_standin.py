@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import signal
+import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -92,14 +94,22 @@ class StandInSGLang:
         self.active: set[str] = set()  # requests holding memory (queued or running)
         self.aborted: list[str] = []
         self.shut_down = False
+        self.sigterm_taken = False  # SGLang's own SIGTERM handler ran (the server's did not)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._running = 0
         self._slots: asyncio.Condition | None = None
         self._abort_requested: set[str] = set()
 
     def _handle_loop(self) -> None:
+        """SGLang's TokenizerManager.auto_create_handle_loop: its output loop, and on the main thread its own SIGTERM
+        handler on that loop (SGLang's drains SGLang alone, then its watchdog kills the process tree)."""
         self.loop = asyncio.get_running_loop()
         self._slots = asyncio.Condition()
+        if threading.current_thread() is threading.main_thread():
+            self.loop.add_signal_handler(signal.SIGTERM, self._sigterm)
+
+    def _sigterm(self) -> None:
+        self.sigterm_taken = True
 
     def _abort(self, rid: str = "", abort_all: bool = False) -> None:
         self._abort_requested.add(rid)

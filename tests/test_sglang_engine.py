@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 from kvbuffer.service.engine.api import InvalidRequestError, SamplingParams
+from kvbuffer.service.server import app
 from kvbuffer.service.server.app import Server
 from kvbuffer.service.server.client import KVBufferClient
 from kvbuffer.service.server.settings import ServiceSettings, load_settings
@@ -380,3 +381,25 @@ def test_speculative_counts_and_drain(tokenizer: Any) -> None:
     assert (stats.drafted_tokens, stats.accepted_tokens) == (33, 10)
     assert engine.shut_down
     server.stop()
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals need the main thread")
+def test_sigterm_drains_the_server_although_sglang_claims_it_while_starting(tokenizer: Any,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """SGLang's output loop installs its own SIGTERM handler on the server's loop while the engine starts; the
+    server takes SIGTERM back once up, so a pod stop drains it (serve returns) instead of reaching SGLang alone."""
+    engine = StandInSGLang(tokenizer)
+    monkeypatch.setattr(app, "make_engine", lambda s: SGLangEngine(s, lambda: engine))
+    settings = load_settings({"engine": "sglang", "model": "/models/qwen3-next", "host": "127.0.0.1", "port": 0,
+                              "metrics_port": 0, "shutdown_grace_period_s": 2})
+
+    async def go() -> None:
+        serving = asyncio.create_task(app.serve(settings))
+        while engine.loop is None:  # SGLang's handle loop: the engine has started
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(serving, timeout=20)  # a SIGTERM that only SGLang saw never ends serve
+
+    asyncio.run(go())
+    assert engine.shut_down and not engine.sigterm_taken

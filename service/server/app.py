@@ -252,8 +252,11 @@ async def serve(settings: ServiceSettings) -> None:
             exit_now(128 + signum)
         stop.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+    def handle_signals() -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+
+    handle_signals()
     try:
         server = Server(settings, make_engine(settings))
         await server.start()
@@ -268,5 +271,6 @@ async def serve(settings: ServiceSettings) -> None:
         # supported model, or SGLang failing to start
         raise StartupError(f"engine start-up failed (model={settings.model!r}, device={settings.device}): "
                            f"{exc}") from None
+    handle_signals()  # an engine may claim them while it starts (SGLang's does): SIGTERM drains the server
     await stop.wait()
     await server.drain()

@@ -3,7 +3,7 @@
 Each function reads the cursor (`KVBufferPools.lens`) for the batch's rows, writes what every GDN layer of this
 forward needs into a `StepPlan`, and moves the cursor on at once (layers read the plan, never the cursor), the way
 SGLang snapshots and advances its ReplaySSM cursor once per forward. Padded rows (mamba slot -1) get the scratch
-buffer slot, no checkpoint and no write. No function reads a value back to the host.
+buffer slot, kept empty, no checkpoint and no write. No function reads a value back to the host.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def plan_decode(pools: KVBufferPools, mamba_slots: Tensor, req_slots: Tensor, ch
     if force_flush is not None:
         due = due | force_flush.to(torch.bool)
     flush = valid & due
-    pools.lens[buf] = torch.where(flush, 0, lens + 1).to(torch.int32)
+    pools.lens[buf] = torch.where(flush | ~valid, 0, lens + 1).to(torch.int32)  # padding rows: always empty
     pools.counts[0] += flush.sum()
     return StepPlan(buf, lens, read, torch.where(flush, read, -1), torch.zeros_like(lens))
 

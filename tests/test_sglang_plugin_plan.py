@@ -24,7 +24,7 @@ def test_decode_plans_keep_every_cursor_inside_the_buffer_with_padded_rows() -> 
     mamba = torch.cat([live + 10, torch.full((4,), -1)])  # 3 requests, 4 padding rows
     rows = torch.cat([live, torch.zeros(4, dtype=torch.int64)])
     for step in range(4 * CAPACITY):
-        plan = plan_decode(p, mamba, rows, CHUNK, None)
+        plan = plan_decode(p, mamba, rows, CHUNK)
         assert int(plan.buf_lens.max()) < CAPACITY, f"step {step}: a row appends at {int(plan.buf_lens.max())}"
         assert (plan.write_slots[3:] == -1).all() and (plan.read_slots[3:] == -1).all()
     assert int(p.lens.max()) < CAPACITY

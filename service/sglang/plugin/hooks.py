@@ -88,10 +88,7 @@ def _plan(backend: Any, rt: Runtime, forward_batch: Any) -> planning.StepPlan | 
     slots = backend.forward_metadata.mamba_cache_indices
     rows = forward_batch.req_pool_indices
     if mode.is_decode_or_idle():
-        bs = slots.shape[0]
-        force = forward_batch.mamba_track_mask
-        return planning.plan_decode(rt.pools, slots, rows[:bs], rt.settings.chunk_size,
-                                    None if force is None else force[:bs])
+        return planning.plan_decode(rt.pools, slots, rows[:slots.shape[0]], rt.settings.chunk_size)
     if mode.is_target_verify():
         return planning.plan_verify(rt.pools, slots, rows[:slots.shape[0]], rt.settings.chunk_size)
     if mode.is_extend():

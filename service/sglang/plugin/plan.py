@@ -33,15 +33,11 @@ def _rows(pools: KVBufferPools, mamba_slots: Tensor, req_slots: Tensor) -> tuple
     return valid, buf, read, pools.lens[buf]
 
 
-def plan_decode(pools: KVBufferPools, mamba_slots: Tensor, req_slots: Tensor, chunk_size: int,
-                force_flush: Tensor | None) -> StepPlan:
-    """One token per row: flush where the buffer reaches chunk_size (or SGLang's radix cache snapshots this row's
-    state this step: `force_flush`, its mamba_track_mask), then the cursor is 0 there and one more elsewhere."""
+def plan_decode(pools: KVBufferPools, mamba_slots: Tensor, req_slots: Tensor, chunk_size: int) -> StepPlan:
+    """One token per row: flush where the buffer reaches chunk_size, then the cursor is 0 there and one more
+    elsewhere."""
     valid, buf, read, lens = _rows(pools, mamba_slots, req_slots)
-    due = lens + 1 >= chunk_size
-    if force_flush is not None:
-        due = due | force_flush.to(torch.bool)
-    flush = valid & due
+    flush = valid & (lens + 1 >= chunk_size)
     pools.lens[buf] = torch.where(flush | ~valid, 0, lens + 1).to(torch.int32)  # padding rows: always empty
     pools.counts[0] += flush.sum()
     return StepPlan(buf, lens, read, torch.where(flush, read, -1), torch.zeros_like(lens))

@@ -111,10 +111,14 @@ async def test_decisions_follow_the_load_and_survive_a_restart(api: Cluster, rep
         assert api.service(name)["status"]["autoscaling"]["state"]["since"] == state["since"]
         assert up in decisions(api, name)
 
+        # After a restart the first scrape of each replica has no rates yet (MetricsAvailable=False for that
+        # reason): wait for rates before stopping a replica so the False below is the stopped replica's.
+        await wait_for(lambda: condition(api.service(name), "MetricsAvailable")["status"] == "True",
+                       "rates from both replicas again after the restart")
         replicas.pop().stop()  # its metrics go missing: no scale-down on their account
-        await wait_for(lambda: condition(api.service(name), "MetricsAvailable")["status"] == "False",
-                       "MetricsAvailable=False once the replica's metrics are stale")
-        assert "no fresh metrics" in condition(api.service(name), "MetricsAvailable")["message"]
+        stale = await wait_for(lambda: (c := condition(api.service(name), "MetricsAvailable"))["status"] == "False"
+                               and c, "MetricsAvailable=False once the replica's metrics are stale")
+        assert "no fresh metrics" in stale["message"]
         await asyncio.sleep(2 * AUTOSCALING["syncPeriodSeconds"])  # a few more rounds without its metrics
         assert api.service(name)["spec"]["replicas"] >= scaled
     assert ("serving.kvbuffer.io", "kvbufferservices/scale", "patch") in operator_calls(api.emulator)

@@ -9,8 +9,14 @@ kvbuffer.service.sglang.engine), with SGLang 0.5.17's observable behaviour there
   {"type": "abort", "message", "status_code"?}), `output_token_logprobs` ([(logprob, id, None)], sliced to the
   delta) when asked, and the speculative counts at the end when speculation is on;
 - stop strings end the text before them; a matched stop token is in output_ids, its text is not;
-- `tokenizer_manager.abort_request(rid)` ends the request with an "abort" output whose text is the whole text
-  so far and whose output_ids is only the last id (as SGLang's `_handle_abort_req` streams it);
+- a request is known to SGLang (registered: its TokenizerManager's `rid_to_state`) only from the first step of
+  its stream: `async_generate` only builds the stream, and SGLang's `generate_request` registers the rid when
+  first iterated, before its first await, then dispatches it to the scheduler; it unregisters it when it ends.
+  `register_delay_s` is how long `async_generate` takes to hand the stream back (SGLang's does at once): it
+  widens, for tests, the window in which the adapter has asked for the request but SGLang does not know it yet;
+- `tokenizer_manager.abort_request(rid)` for a registered request ends it with an "abort" output whose text is the
+  whole text so far and whose output_ids is only the last id (as SGLang's `_handle_abort_req` streams it); for a
+  request not registered (not started, or ended) it does nothing;
 - a full waiting queue (max_queued_requests) is an "abort" output with status_code 503 before any token.
 
 Its "model" is a fixed function of the context (`next_token`), so tests know every token it will produce.
@@ -68,14 +74,17 @@ def logprob_of(context: Sequence[int], token: int) -> float:
 
 class StandInSGLang:
     """One `sglang.Engine` in place; see the module docstring. `step_s`: time per decode step; `coalesce`:
-    decode steps per streamed output; `fail_after`: outputs after which a stream raises (a broken SGLang)."""
+    decode steps per streamed output; `fail_after`: outputs after which a stream raises (a broken SGLang);
+    `register_delay_s`: how long async_generate takes (the module docstring says why)."""
 
     def __init__(self, tokenizer: Any, *, context_len: int = 1024, max_running_requests: int = 4,
                  max_queued_requests: int | None = None, step_s: float = 0.002, coalesce: int = 1,
-                 speculative_draft_tokens: int = 0, fail_after: int | None = None) -> None:
+                 speculative_draft_tokens: int = 0, fail_after: int | None = None,
+                 register_delay_s: float = 0.0) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer) + 24  # the model's embedding has more rows than the tokenizer, as Qwen's
         self.step_s, self.coalesce, self.fail_after = step_s, coalesce, fail_after
+        self.register_delay_s = register_delay_s
         self.spec = speculative_draft_tokens
         self.server_args = SimpleNamespace(
             max_running_requests=max_running_requests, max_queued_requests=max_queued_requests,
@@ -91,8 +100,9 @@ class StandInSGLang:
         self.received: dict[str, dict[str, Any]] = {}  # rid -> the arguments of async_generate
         self.outputs: dict[str, list[int]] = {}  # rid -> every id it produced
         self.texts: dict[str, str] = {}  # rid -> its whole text
+        self.registered: set[str] = set()  # requests SGLang knows (rid_to_state): their streams have started
         self.active: set[str] = set()  # requests holding memory (queued or running)
-        self.aborted: list[str] = []
+        self.aborted: list[str] = []  # aborts of registered requests (those SGLang acts on)
         self.shut_down = False
         self.sigterm_taken = False  # SGLang's own SIGTERM handler ran (the server's did not)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -112,8 +122,9 @@ class StandInSGLang:
         self.sigterm_taken = True
 
     def _abort(self, rid: str = "", abort_all: bool = False) -> None:
-        self._abort_requested.add(rid)
-        self.aborted.append(rid)
+        if rid in self.registered:  # SGLang's abort_request finds no state for any other rid and does nothing
+            self._abort_requested.add(rid)
+            self.aborted.append(rid)
 
     def shutdown(self) -> None:
         self.shut_down = True
@@ -123,10 +134,22 @@ class StandInSGLang:
         assert stream and asyncio.get_running_loop() is self.loop, "streams on the loop of the handle loop"
         self.received[rid] = {"input_ids": list(input_ids), "sampling_params": dict(sampling_params),
                               "return_logprob": return_logprob}
+        if self.register_delay_s:
+            await asyncio.sleep(self.register_delay_s)
         return self._stream(rid, list(input_ids), sampling_params, return_logprob)
 
     async def _stream(self, rid: str, prompt: list[int], params: dict[str, Any], logprobs: bool
                       ) -> AsyncIterator[dict[str, Any]]:
+        """SGLang's generate_request: registers rid at its first step, then queues, runs and streams it."""
+        self.registered.add(rid)
+        try:
+            async for out in self._schedule(rid, prompt, params, logprobs):
+                yield out
+        finally:
+            self.registered.discard(rid)
+
+    async def _schedule(self, rid: str, prompt: list[int], params: dict[str, Any], logprobs: bool
+                        ) -> AsyncIterator[dict[str, Any]]:
         assert self._slots is not None
         queued = self.active - {r for r in self.active if r in self.outputs}
         limit = self.server_args.max_queued_requests

@@ -240,6 +240,41 @@ def test_cancel_and_deadline_abort_the_request_in_sglang(tokenizer: Any) -> None
         server.stop()
 
 
+def test_cancel_before_sglang_registers_the_request_never_runs_it(tokenizer: Any) -> None:
+    """A client cancel and a deadline that come after the adapter asked SGLang for the request but before SGLang
+    registered it (there, SGLang's abort_request does nothing): SGLang never runs the request, the call ends at
+    once, and the only running slot serves the next request straight away."""
+    rng = random.Random()
+    vocab = len(tokenizer) + 24
+    delay = 1.0
+    server, engine = serve(tokenizer, {"step_s": 0.02, "register_delay_s": delay, "max_running_requests": 1})
+    cancelled, expired, after = prompts(rng, 3, len(tokenizer))
+    try:
+        async def go() -> None:
+            async with server.client() as client:
+                call = client.generate(cancelled, max_new_tokens=500, ignore_eos=True)
+                assert await server.until(lambda: len(engine.received) == 1)
+                call.cancel()
+                assert await call.code() == grpc.StatusCode.CANCELLED
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await client.generate_unary(expired, max_new_tokens=500, ignore_eos=True, timeout=delay / 2)
+                assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert await server.until(lambda: server.server.admission.in_flight == 0, timeout=2 * delay)
+                n = rng.randrange(1, 10)
+                async with asyncio.timeout(3 * delay):
+                    response = await client.generate_unary(after, max_new_tokens=n, ignore_eos=True)
+                assert list(response.token_ids) == continuation(after, n, vocab)
+
+        asyncio.run(go())
+        assert [call["input_ids"] for call in engine.received.values()] == [cancelled, expired, after]
+        assert list(engine.outputs) == [next(r for r, call in engine.received.items() if call["input_ids"] == after)]
+        assert not engine.active and not engine.registered
+        stats = server.call(server.server.engine.stats)
+        assert (stats.running_requests, stats.waiting_requests) == (0, 0)
+    finally:
+        server.stop()
+
+
 def test_overload_is_resource_exhausted_at_the_service_and_at_sglang(tokenizer: Any) -> None:
     server, engine = serve(tokenizer, {"step_s": 0.02, "max_running_requests": 1, "max_queued_requests": 0},
                            max_running_requests=1, max_waiting_requests=1)

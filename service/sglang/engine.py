@@ -10,7 +10,11 @@ the request's queue, so that an engine failure can end every open stream at once
 
 Cancel (the caller closing the stream early: client cancel, deadline, drain) aborts the request in SGLang,
 whose scheduler then frees its KV cache and state slots. SGLang's abort comes back as an output of finish type
-"abort" whose text and ids repeat what was streamed already; it ends the stream and adds nothing.
+"abort" whose text and ids repeat what was streamed already; it ends the stream and adds nothing. SGLang knows a
+request only from the first step of its stream (its TokenizerManager registers the rid there, before it first
+awaits, and sends it to the scheduler), and its abort_request does nothing for a rid it does not know; so a
+cancel that comes before (the pump task not run yet, or still in async_generate) is kept on the request, and
+the pump then ends it "cancelled" without ever starting SGLang's stream.
 
 Failure: an SGLang process that dies makes SGLang's watchdog send SIGQUIT to this process; the adapter takes
 that signal (on the main thread's event loop) instead of SGLang's handler, which would kill the process tree.
@@ -105,7 +109,7 @@ class _Request:
     task: asyncio.Task[None] | None = None
     completion_tokens: int = 0
     started: bool = False  # SGLang has streamed something (it is past its waiting queue)
-    cancelled: bool = False  # aborted by us: SGLang's abort ends it as "cancelled"
+    cancelled: bool = False  # by us: SGLang's abort ends it as "cancelled", or _pump never starts it in SGLang
 
 
 class SGLangEngine:
@@ -264,6 +268,9 @@ class SGLangEngine:
         try:
             stream = await runtime.async_generate(input_ids=ids, sampling_params=sampling, rid=req.rid,
                                                   stream=True, return_logprob=logprobs)
+            if req.cancelled:  # before SGLang knew the request, so its abort did nothing: never start it
+                req.chunks.put_nowait(self._last_chunk(req, "cancelled", {}))
+                return
             async for out in stream:
                 chunk = self._chunk(req, out, logprobs)
                 req.chunks.put_nowait(chunk)

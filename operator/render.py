@@ -97,6 +97,7 @@ def deployment(name: str, namespace: str, uid: str, spec: KVBufferServiceSpec) -
                     "volumes": volumes,
                     # The server drains for shutdown_grace_period_s; the kubelet must not kill it sooner.
                     "terminationGracePeriodSeconds": int(grace) + 10,
+                    **({"nodeSelector": dict(spec.node_selector)} if spec.node_selector else {}),
                 },
             },
         },

@@ -17,6 +17,7 @@ METRICS_PORT = 9464
 CONFIG_KEY = "settings.yaml"
 CONFIG_DIR = "/etc/kvbuffer"
 CONFIG_HASH_ANNOTATION = f"{GROUP}/config-hash"
+LAST_APPLIED_ANNOTATION = f"{GROUP}/last-applied"  # on each owned object: what the operator applied to it last
 
 
 def config_map_name(name: str) -> str:

@@ -60,6 +60,8 @@ class KVBufferServiceSpec(BaseModel):
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs one model copy is split across")
     resources: Resources = Field(default_factory=Resources, description="CPU and memory of each replica (the "
                                  "GPUs come from gpusPerReplica)")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="node labels a replica's node must "
+                                          "carry (the pods' nodeSelector), e.g. a GPU pool's")
     settings: dict[str, Any] = Field(default_factory=dict, description="service settings by their own names "
                                      "(buffer_size, chunk_size, decode_mode, ...: `kvbuffer serve --help`); "
                                      "unset ones keep the service's defaults")

@@ -6,9 +6,11 @@ What the emulator does NOT do, and where it is covered instead:
 - admission: no schema validation, no CEL, no defaulting, no immutability. `Cluster.create/edit` below validate
   each object against the CRD's schema with jsonschema before sending it (as the API server would), and
   test_operator_crd.py evaluates every CEL rule with cel-python.
-- merge semantics: every PATCH is applied as a JSON merge patch (dicts merged, lists replaced), never strategic
-  merge; the operator sends merge patches only, and test_operator_render.py checks `contains()` against objects
-  as the server returns them (defaulted fields, quantities as strings).
+- merge semantics: every PATCH is applied as a JSON merge patch (dicts merged, lists replaced, null deletes),
+  never strategic merge nor server-side apply (no field managers, no managedFields); the operator sends merge
+  patches only (with nulls for keys it applied before and applies no longer: its last-applied record), and
+  test_operator_render.py checks `contains()` against objects as the server returns them (defaulted fields,
+  quantities as strings) and those patches against a plain-dict oracle.
 - resource versions and generations: Emulator below assigns them as the API server does and refuses a merge
   patch with a stale resourceVersion (409) or a JSON patch whose `test` of it fails (422), as the server does.
 - controllers: no Deployment controller (tests write the Deployment status the controller would), no garbage

@@ -1,5 +1,6 @@
 """Cluster (the operator's API calls, the official kubernetes client) against kmock's emulated API server:
-get-create-patch converges and does nothing the second time, a status patch based on a stale read is refused
+get-create-patch converges and does nothing the second time, a key dropped from what it applies leaves the object
+while keys another writer added stay, a status patch based on a stale read is refused
 (409, as by the API server) and done again from a fresh read, the scale subresource moves spec.replicas."""
 
 from __future__ import annotations
@@ -46,6 +47,28 @@ async def test_apply_creates_then_patches_then_leaves_alone(api: Api) -> None:
                              spec.model_copy(update={"replicas": 3}))
     assert [await call(cluster.apply, obj) for obj in bigger] == ["unchanged", "updated", "unchanged", "unchanged"]
     assert api.object("apps/v1/deployments", "svc")["spec"]["replicas"] == 3
+
+
+def config_map(data: dict[str, str], labels: dict[str, str]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "cm", "namespace": "default", "labels": labels}, "data": data}
+
+
+async def test_apply_drops_keys_it_no_longer_applies_and_keeps_other_writers_keys(api: Api) -> None:
+    cluster = Cluster(api_client())
+    data = {f"key-{index}": uuid.uuid4().hex for index in range(random.randint(2, 6))}
+    labels = {f"example.com/label-{index}": uuid.uuid4().hex[:8] for index in range(random.randint(2, 6))}
+    assert await call(cluster.apply, config_map(data, labels)) == "created"
+    others = {"data": {"notes": uuid.uuid4().hex}, "metadata": {"labels": {"team": uuid.uuid4().hex[:8]}}}
+    await api.patch("/api/v1/namespaces/default/configmaps/cm", others)  # another writer, e.g. kubectl
+    kept_data = dict(random.sample(sorted(data.items()), random.randint(1, len(data) - 1)))
+    kept_labels = dict(random.sample(sorted(labels.items()), random.randint(0, len(labels) - 1)))
+
+    assert await call(cluster.apply, config_map(kept_data, kept_labels)) == "updated"
+    obj = api.object("v1/configmaps", "cm")
+    assert obj["data"] == {**kept_data, **others["data"]}
+    assert obj["metadata"]["labels"] == {**kept_labels, **others["metadata"]["labels"]}
+    assert await call(cluster.apply, config_map(kept_data, kept_labels)) == "unchanged"
 
 
 async def test_status_patch_retries_after_a_conflict(api: Api) -> None:

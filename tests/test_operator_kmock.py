@@ -133,6 +133,38 @@ async def test_settings_edit_rolls_the_deployment_and_an_invalid_edit_never_reac
         assert served_settings(cluster, name)["chunk_size"] == 16
 
 
+async def test_a_key_dropped_from_the_spec_leaves_the_objects_and_other_writers_keys_stay(cluster: Cluster) -> None:
+    name, uid = fresh()
+    selector = {f"example.com/pool-{index}": uuid.uuid4().hex[:8] for index in range(random.randint(2, 5))}
+    async with running_operator():
+        await cluster.create(name, {"model": "m", "nodeSelector": selector}, uid)
+        await applied(cluster, name, 1)
+        # Other writers: a label and a node selector entry (by hand, or a policy webhook), `kubectl rollout restart`
+        # (a pod template annotation), a note in the ConfigMap.
+        label, pool, restarted, note = ({key: uuid.uuid4().hex[:8]} for key in (
+            "team", "example.com/zone", "kubectl.kubernetes.io/restartedAt", "notes"))
+        await cluster.patch(f"/apis/apps/v1/namespaces/default/deployments/{name}", {
+            "metadata": {"labels": label},
+            "spec": {"template": {"metadata": {"annotations": restarted}, "spec": {"nodeSelector": pool}}}})
+        await cluster.patch(f"/api/v1/namespaces/default/configmaps/{name}-config", {"data": note})
+
+        dropped = random.choice(sorted(selector))
+        chunk = random.randint(1, 32)  # and a settings edit, which rewrites the ConfigMap's own key
+        await cluster.edit(name, {"nodeSelector": {dropped: None}, "settings": {"chunk_size": chunk}})
+        await applied(cluster, name, 2)
+        deployment = cluster.object("apps/v1/deployments", name)
+        template = deployment["spec"]["template"]
+        assert template["spec"]["nodeSelector"] == {**{k: v for k, v in selector.items() if k != dropped}, **pool}
+        assert deployment["metadata"]["labels"] == {**r.selector_labels(name), **label}
+        assert restarted.items() <= template["metadata"]["annotations"].items()
+        assert cluster.object("v1/configmaps", f"{name}-config")["data"].keys() == {r.CONFIG_KEY, *note}
+        assert served_settings(cluster, name)["chunk_size"] == chunk
+
+        await cluster.edit(name, {"nodeSelector": None})  # the last entries: the operator's field goes whole
+        await applied(cluster, name, 3)
+        assert cluster.object("apps/v1/deployments", name)["spec"]["template"]["spec"]["nodeSelector"] == pool
+
+
 async def test_schema_refuses_what_the_api_server_would(cluster: Cluster) -> None:
     name, uid = fresh()
     with pytest.raises(jsonschema.ValidationError):

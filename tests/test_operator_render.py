@@ -1,21 +1,24 @@
 """The desired objects as a pure function of the spec, without a cluster: valid against the Kubernetes schemas
 (kubernetes-validate, strict, pinned version), read back by the service's own settings loader, rolled by a
-settings change and only by one, and compared with objects as the API server returns them (`contains`)."""
+settings change and only by one, compared with objects as the API server returns them (`contains`), and the
+patch from what was applied last to what is applied now (`patch_from`) checked against a plain-dict oracle."""
 
 from __future__ import annotations
 
 import copy
 import random
+import uuid
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 from kvbuffer.operator import resource as r
-from kvbuffer.operator.cluster import contains
+from kvbuffer.operator.cluster import contains, patch_from
 from kvbuffer.operator.render import config_hash, deployment, desired_objects
 from kvbuffer.operator.spec import KVBufferServiceSpec, parse_spec
 from kvbuffer.service.server.settings import load_settings
+from operator_emulator import merge_patch
 
 KUBERNETES_VERSION = "1.32.0"  # the schemas the objects must fit (kubectl and the API server of that release)
 
@@ -31,6 +34,7 @@ def random_spec(rng: random.Random) -> KVBufferServiceSpec:
         "gpusPerReplica": tp * rng.randint(1 if sglang else 0, 2),
         "tensorParallelSize": tp,
         "resources": {"requests": {"cpu": rng.randint(1, 8), "memory": f"{rng.randint(1, 64)}Gi"}},
+        "nodeSelector": {f"example.com/pool-{index}": uuid.uuid4().hex[:8] for index in range(rng.randint(0, 3))},
         "settings": {"buffer_size": buffer_size, "chunk_size": rng.randint(1, buffer_size),
                      "decode_mode": rng.choice(["kvbuffer", "recurrent"]),
                      "max_running_requests": rng.randint(1, 512), "shutdown_grace_period_s": rng.uniform(1, 120)},
@@ -115,3 +119,45 @@ def test_contains_ignores_what_the_server_adds_and_sees_real_changes() -> None:
     fewer_ports = as_served(obj)
     fewer_ports["spec"]["template"]["spec"]["containers"][0]["ports"].pop()
     assert not contains(fewer_ports, obj)
+
+
+def random_tree(rng: random.Random, prefix: str, depth: int = 3) -> dict[str, Any]:
+    """Nested maps with string and list leaves, keys from a small set so that edits overlap."""
+    return {f"{prefix}{rng.randint(0, 5)}": random_tree(rng, prefix, depth - 1) if depth and rng.random() < 0.4
+            else rng.choice([uuid.uuid4().hex[:6], [rng.randint(0, 9)]]) for _ in range(rng.randint(0, 4))}
+
+
+def edited(rng: random.Random, tree: dict[str, Any]) -> dict[str, Any]:
+    """`tree` with some keys dropped, some values replaced (a map by a leaf, a leaf by a map) and keys added."""
+    out = {}
+    for key, value in tree.items():
+        roll = rng.random()
+        if roll < 0.6:
+            out[key] = edited(rng, value) if isinstance(value, dict) else value
+        elif roll < 0.8:
+            out[key] = rng.choice([uuid.uuid4().hex[:6], random_tree(rng, "new-", 1)])
+    return {**out, **random_tree(rng, "new-", 1)}
+
+
+def added_by_others(rng: random.Random, tree: dict[str, Any]) -> dict[str, Any]:
+    """Keys another writer puts next to ours, in our maps and at the top."""
+    nested = {key: added_by_others(rng, value) for key, value in tree.items()
+              if isinstance(value, dict) and rng.random() < 0.7}
+    return {**random_tree(rng, "other-", 1), **nested}
+
+
+def without(current: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
+    """`current` less every leaf that `last` set (its maps stay, with the keys others added)."""
+    return {key: without(value, last[key]) if isinstance(last.get(key), dict) else value
+            for key, value in current.items() if key not in last or isinstance(last[key], dict)}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_patch_from_last_applied_drops_only_our_old_keys(seed: int) -> None:
+    rng = random.Random()
+    last = random_tree(rng, "k")
+    desired = edited(rng, last)
+    current = merge_patch(last, added_by_others(rng, last))
+    expected = merge_patch(without(current, last), desired)  # ours replaced by desired, others' kept
+    assert merge_patch(current, patch_from(last, desired)) == expected
+    assert contains(expected, desired)

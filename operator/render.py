@@ -44,11 +44,12 @@ def config_map(name: str, namespace: str, uid: str, spec: KVBufferServiceSpec) -
 
 
 def _resources(spec: KVBufferServiceSpec) -> dict[str, Any]:
-    limits = dict(spec.resources.limits)
-    requests = dict(spec.resources.requests)
+    """Quantities as strings: the kubernetes client refuses an integer quantity in a create body (`cpu: 4`, the
+    GPU count), although the API server would take it."""
+    limits = {name: str(quantity) for name, quantity in spec.resources.limits.items()}
+    requests = {name: str(quantity) for name, quantity in spec.resources.requests.items()}
     if spec.gpus_per_replica:
-        limits["nvidia.com/gpu"] = spec.gpus_per_replica
-        requests["nvidia.com/gpu"] = spec.gpus_per_replica
+        limits["nvidia.com/gpu"] = requests["nvidia.com/gpu"] = str(spec.gpus_per_replica)
     return {key: value for key, value in (("limits", limits), ("requests", requests)) if value}
 
 

@@ -97,6 +97,20 @@ async def test_create_renders_owned_objects_status_and_events(cluster: Cluster) 
         assert sample == 2
 
 
+async def test_a_gpu_service_with_integer_quantities_gets_its_deployment(cluster: Cluster) -> None:
+    name, uid = fresh()
+    gpus, cpus = random.randint(1, 8), random.randint(2, 64)
+    async with running_operator():
+        await cluster.create(name, {"model": "/models/qwen3-next", "engine": "sglang", "gpusPerReplica": gpus,
+                                    "resources": {"limits": {"cpu": cpus, "memory": "64Gi"}}}, uid)
+        await applied(cluster, name, 1)
+        resources = cluster.object("apps/v1/deployments", name)["spec"]["template"]["spec"]["containers"][0][
+            "resources"]
+        assert resources == {"limits": {"cpu": str(cpus), "memory": "64Gi", "nvidia.com/gpu": str(gpus)},
+                             "requests": {"nvidia.com/gpu": str(gpus)}}
+        assert served_settings(cluster, name)["device"] == "cuda"
+
+
 async def test_settings_edit_rolls_the_deployment_and_an_invalid_edit_never_reaches_a_pod(cluster: Cluster) -> None:
     name, uid = fresh()
     async with running_operator():

@@ -84,7 +84,7 @@ def test_deployment_keeps_capacity_and_probes_grpc() -> None:
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"] == {"port": r.GRPC_PORT}
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"grpc": 50051, "metrics": 9464}
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert pod["terminationGracePeriodSeconds"] > 45
     assert {"name": "shm", "mountPath": "/dev/shm"} in container["volumeMounts"]
     assert obj["spec"]["selector"]["matchLabels"] == r.selector_labels("a")

@@ -460,8 +460,8 @@ def spec_table(layers: int, runs: dict, batches: list) -> None:
         if mode == "recurrent":
             memory = f"{gdn * mem['intermediate_ssm'] / 2**20:.1f} MiB (intermediate_ssm, one state per draft)"
         else:
-            memory = (f"{gdn * plugin / 2**20:.2f} MiB (KVBuffer buffer; SGLang still allocates "
-                      f"{gdn * mem['intermediate_ssm'] / 2**20:.1f} MiB intermediate_ssm, unused)") if plugin else "-"
+            memory = (f"{gdn * plugin / 2**20:.2f} MiB (KVBuffer buffer; the plugin stops SGLang allocating "
+                      "intermediate_ssm)") if plugin else "-"
         print(f"| {mode}+NGRAM | " + " | ".join(cells) + f" | {memory} |", flush=True)
     print(f"(both keep the checkpoint: {gdn * mem['checkpoint'] / 2**20:.1f} MiB per request)")
 

@@ -100,21 +100,32 @@ class Shapes:
         return 2 * self.H * self.K + self.HV * self.V
 
 
-def new_pool(s: Shapes, draft_tokens: int | None = None):
-    """SGLang's HybridReqToTokenPool on the CPU (fp32 conv and state); with draft_tokens, SGLang's speculative state
-    (per-draft conv windows, dense layout; its allocation hard-codes CUDA, so the same tensors are made here)."""
+def cache_params(s: Shapes, dtype: torch.dtype = torch.float32, dedup_windows: bool = True):
+    """SGLang's Mamba2CacheParams of a GDN layer stack at `s` (conv and state in `dtype`); dedup_windows=False sets
+    SGLang's own switch for one conv window per draft step instead of its overlapping layout."""
     from sglang.srt.configs.mamba_utils import Mamba2CacheParams, Mamba2StateDType, Mamba2StateShape
-    from sglang.srt.mem_cache.memory_pool import HybridReqToTokenPool, MambaPool
 
     shape = Mamba2StateShape.create(tp_world_size=1, intermediate_size=s.HV * s.V, n_groups=s.H, num_heads=s.HV,
                                     head_dim=s.V, state_size=s.K, conv_kernel=s.conv_kernel,
                                     conv_shard_groups=[s.H * s.K, s.H * s.K, s.HV * s.V])
-    params = Mamba2CacheParams(shape=shape, layers=list(range(s.layers)),
-                               dtype=Mamba2StateDType(conv=torch.float32, temporal=torch.float32))
+    return Mamba2CacheParams(shape=dataclasses.replace(shape, disable_conv_window_dedup=not dedup_windows),
+                             layers=list(range(s.layers)), dtype=Mamba2StateDType(conv=dtype, temporal=torch.float32))
+
+
+def new_pool(s: Shapes, draft_tokens: int | None = None, per_draft_states: bool = True):
+    """SGLang's HybridReqToTokenPool on DEVICE (fp32 conv and state). With draft_tokens, speculative state for chain
+    drafts: per_draft_states makes SGLang's (per-draft states and conv windows, dense; its allocation hard-codes
+    CUDA, so the same tensors are made here), for the recurrent oracle; otherwise SGLang's constructor is asked for
+    it, which the plugin's hook (memory.py) answers without per-draft states."""
+    from sglang.srt.mem_cache.memory_pool import HybridReqToTokenPool, MambaPool
+
+    ask = draft_tokens if not per_draft_states else None
     pool = HybridReqToTokenPool(size=s.requests, mamba_size=s.mamba_slots, mamba_spec_state_size=s.requests,
-                                max_context_len=256, device=DEVICE, enable_memory_saver=False, cache_params=params,
-                                mamba_layer_ids=list(range(s.layers)), enable_mamba_extra_buffer=False)
-    if draft_tokens:
+                                max_context_len=256, device=DEVICE, enable_memory_saver=False,
+                                cache_params=cache_params(s), mamba_layer_ids=list(range(s.layers)),
+                                enable_mamba_extra_buffer=False, speculative_num_draft_tokens=ask,
+                                speculative_eagle_topk=1 if ask else None)
+    if draft_tokens and per_draft_states:
         cache = pool.mamba_pool.mamba_cache
         windows = [torch.zeros(s.layers, s.requests + 1, draft_tokens, *conv.shape[2:], device=DEVICE)
                    for conv in cache.conv]

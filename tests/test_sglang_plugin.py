@@ -4,7 +4,8 @@ Each test runs two SGLang GDNAttnBackends on identical pools and inputs: one as 
 Triton kernels: the oracle) and one carrying the plugin's runtime. Outputs must agree at every step, across
 flushes, and after drafts are verified with some accepted and some rejected; states agree once the plugin's
 buffer is folded in. The plugin is loaded the way SGLang loads it: the `sglang.srt.plugins` entry point,
-allow-listed by SGLANG_PLUGINS, through SGLang's own load_plugins.
+allow-listed by SGLANG_PLUGINS, through SGLang's own load_plugins. The pool tests build SGLang's MambaPool and run
+its memory solve with the plugin's hooks and without them (SGLang's functions as shipped).
 """
 
 from __future__ import annotations
@@ -49,10 +50,13 @@ def test_plugin_loads_through_the_entry_point() -> None:
     from importlib.metadata import entry_points
 
     from sglang.srt.layers.attention.linear.gdn_backend import GDNAttnBackend, GDNKernelDispatcher
+    from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
+    from sglang.srt.mem_cache.memory_pool import MambaPool
 
     assert "kvbuffer" in {ep.name for ep in entry_points(group="sglang.srt.plugins")}
     for method in (GDNKernelDispatcher.decode, GDNKernelDispatcher.packed_decode, GDNKernelDispatcher.target_verify,
-                   GDNAttnBackend.init_forward_metadata, GDNAttnBackend.__init__):
+                   GDNAttnBackend.init_forward_metadata, GDNAttnBackend.__init__, MambaPool.__init__,
+                   KVCacheConfigurator._handle_max_mamba_cache):
         assert hasattr(method, "__wrapped__"), f"{method.__qualname__} is not hooked"
 
 
@@ -62,7 +66,7 @@ class Pair:
     def __init__(self, gen: torch.Generator, requests: int, packed: bool = False, drafts: int | None = None) -> None:
         self.s = sc.Shapes()
         self.layers = sc.new_layers(self.s, gen)
-        self.pools = [sc.new_pool(self.s, drafts), sc.new_pool(self.s, drafts)]
+        self.pools = [sc.new_pool(self.s, drafts), sc.new_pool(self.s, drafts, per_draft_states=False)]
         self.backends = [sc.new_backend(p, drafts) for p in self.pools]
         sglang, ours = self.backends
         del sglang._kvbuffer, sglang.kernel_dispatcher._kvbuffer  # the oracle runs SGLang's own kernels
@@ -169,6 +173,7 @@ def test_verify_then_commit_matches_sglang_with_drafts_accepted_and_rejected() -
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     pair = Pair(gen, requests=2, drafts=DRAFTS)
     pool = pair.pools[1]
+    assert pool.mamba_pool.mamba_cache.intermediate_ssm.numel() == 0  # the plugin's pool: no per-draft states
     full = SimpleNamespace(token_to_kv_pool=None, req_to_token_pool=pool, needs_cpu_seq_lens=False)
     hybrid = HybridLinearAttnBackend(full, pair.backends[1], full_attn_layers=[])
     pair.prefill([0, 1])
@@ -185,6 +190,88 @@ def test_verify_then_commit_matches_sglang_with_drafts_accepted_and_rejected() -
     theirs = pair.pools[0].mamba_pool.mamba_cache
     assert ((pair.folded_states() - theirs.temporal).abs().max() / theirs.temporal.abs().max()) < TOL
     assert torch.equal(pool.mamba_pool.mamba_cache.conv[0], theirs.conv[0])
+
+
+def _pool_bytes(pool) -> int:
+    """Bytes of a MambaPool's tensors: conv and state slots, per-draft states and conv windows (their buffers, which
+    SGLang's overlapping window layout views)."""
+    cache = pool.mamba_cache
+    tensors = [*cache.conv, cache.temporal, cache.intermediate_ssm, *pool._intermediate_conv_window_phys]
+    return sum(t.untyped_storage().nbytes() for t in tensors)
+
+
+def _sglang_own(method):
+    """`method` as SGLang ships it: the function a plugin hook wraps (HookRegistry keeps it as __wrapped__)."""
+    return getattr(method, "__wrapped__", method)
+
+
+def _pools(s: sc.Shapes, params, drafts: int, slots: int, requests: int) -> tuple:
+    """SGLang's MambaPool on CUDA as the plugin builds it and as SGLang builds it (its constructor before the hook);
+    FakeTensorMode stands in for the GPU this machine lacks: tensors with shapes, dtypes and strides, no memory."""
+    from sglang.srt.mem_cache.memory_pool import MambaPool
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    kw = dict(size=slots, spec_state_size=requests, cache_params=params, mamba_layer_ids=list(range(s.layers)),
+              device="cuda", speculative_num_draft_tokens=drafts, speculative_eagle_topk=1)
+    theirs = MambaPool.__new__(MambaPool)
+    with FakeTensorMode():
+        ours = MambaPool(**kw)
+        _sglang_own(MambaPool.__init__)(theirs, **kw)
+    return ours, theirs
+
+
+def _random_shapes() -> tuple[sc.Shapes, int]:
+    """Random small GDN shapes (requests, mamba slots) and a draft count."""
+    H, groups, k, v, layers, requests, drafts = (int(x) for x in torch.randint(1, 4, (7,)))
+    return sc.Shapes(H=H, HV=H * groups, K=8 * k, V=8 * v, layers=layers, requests=1 + requests,
+                     mamba_slots=2 + requests), 1 + drafts
+
+
+@pytest.mark.parametrize("dedup", [True, False], ids=["overlapping_windows", "window_per_step"])
+def test_pool_keeps_one_state_per_request_and_no_draft_states(dedup: bool) -> None:
+    s, drafts = _random_shapes()
+    ours, theirs = _pools(s, sc.cache_params(s, torch.bfloat16, dedup), drafts, s.mamba_slots, s.requests)
+    mine, sglang = ours.mamba_cache, theirs.mamba_cache
+    assert mine.temporal.shape == sglang.temporal.shape == (s.layers, s.mamba_slots + 1, s.HV, s.V, s.K)
+    assert sglang.intermediate_ssm.shape == (s.layers, s.requests + 1, drafts, s.HV, s.V, s.K)
+    assert mine.intermediate_ssm.numel() == 0
+    for window, theirs_window in zip(mine.intermediate_conv_window, sglang.intermediate_conv_window, strict=True):
+        assert (window.shape, window.stride(), window.dtype) == (
+            theirs_window.shape, theirs_window.stride(), theirs_window.dtype)
+    draft_states = sglang.intermediate_ssm.untyped_storage().nbytes()
+    assert _pool_bytes(theirs) - _pool_bytes(ours) == draft_states
+    assert ours.mem_usage == pytest.approx(theirs.mem_usage - draft_states / 2**30, rel=1e-12)
+
+
+@pytest.mark.parametrize("mamba_slots", [None, 5], ids=["slots_from_max_running_requests", "max_mamba_cache_size"])
+def test_memory_accounting_frees_what_the_pool_no_longer_holds(mamba_slots: int | None) -> None:
+    """SGLang's memory solve for the mamba pool (KVCacheConfigurator._handle_max_mamba_cache, NGRAM chain drafts,
+    radix cache off as the plugin runs it) with and without the plugin: the KV pool gets exactly the bytes the
+    pool SGLang then builds no longer holds, and the number of requests stays SGLang's."""
+    from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
+    from sglang.srt.runtime_context import get_schedule
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    s, drafts = _random_shapes()
+    params = sc.cache_params(s, torch.bfloat16)
+    args = dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=drafts, disable_radix_cache=True,
+                max_running_requests=8, max_mamba_cache_size=mamba_slots)
+    # stand-in for the configurator SGLang's model runner builds: the attributes this solve reads
+    configurator = KVCacheConfigurator.__new__(KVCacheConfigurator)
+    configurator.mambaish_config = SimpleNamespace(mamba2_cache_params=params)
+    configurator.ps = SimpleNamespace(pp_size=1, attn_dp_size=1)
+    configurator.spec_algorithm = SpeculativeAlgorithm.NGRAM
+    configurator.model_config = SimpleNamespace(context_len=256)
+    budget = 40.0  # GiB left after the weights
+    configurator.server_args = sc.server_args(**args)
+    theirs = _sglang_own(KVCacheConfigurator._handle_max_mamba_cache)(configurator, budget)
+    configurator.server_args = sc.server_args(**args)  # a fresh context: SGLang's solve records its sizes in it
+    ours = configurator._handle_max_mamba_cache(budget)
+    slots, requests = get_schedule().max_mamba_cache_size, configurator.resolve_max_num_reqs(10**9)
+    assert (slots, requests) == ((8, 8) if mamba_slots is None else (5, 5))
+    pools = _pools(s, params, drafts, slots, requests)
+    assert ours > theirs
+    assert (ours - theirs) * 2**30 == pytest.approx(_pool_bytes(pools[1]) - _pool_bytes(pools[0]), rel=1e-9)
 
 
 def test_counters_leave_the_process(tmp_path) -> None:

@@ -14,6 +14,7 @@ Targets (all in SGLang 0.5.17):
     GDNKernelDispatcher.packed_decode / decode        AROUND  KVBuffer buffered decode with the fused flush
     GDNKernelDispatcher.target_verify                 AROUND  KVBuffer fold-if-due + parallel verify
     HybridLinearAttnBackend.update_mamba_state_after_mtp_verify  AROUND  the accepted-length commit
+    MambaPool.__init__, KVCacheConfigurator._handle_max_mamba_cache   no per-draft states (memory.py)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from . import checks, counters, dispatch
+from . import checks, counters, dispatch, memory
 from . import plan as planning
 from .pools import KVBufferPools
 from .runtime import ATTRIBUTE, Runtime
@@ -209,4 +210,5 @@ def targets(settings: PluginSettings) -> list[tuple[str, Callable[..., Any], str
         (f"{GDN}.GDNKernelDispatcher.decode", kvbuffer_decode, "AROUND"),
         (f"{GDN}.GDNKernelDispatcher.target_verify", kvbuffer_target_verify, "AROUND"),
         (f"{HYBRID}.HybridLinearAttnBackend.update_mamba_state_after_mtp_verify", kvbuffer_commit, "AROUND"),
+        *memory.targets(),
     ]

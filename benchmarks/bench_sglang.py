@@ -206,7 +206,7 @@ def engine_kwargs(mode: str, model: str, args: argparse.Namespace) -> dict:
     if mode == "replayssm":
         kw.update(enable_linear_replayssm=True, mamba_radix_cache_strategy="no_buffer", disable_overlap_schedule=True)
     if mode == "kvbuffer" and not args.radix:
-        kw.update(disable_radix_cache=True)  # --radix: SGLang's default radix cache (the plugin needs extra_buffer)
+        kw.update(disable_radix_cache=True)  # --radix: SGLang's default (extra_buffer), which the plugin serves
     if args.spec:  # chain drafts: SGLang sets speculative_eagle_topk = the breadth; the plugin refuses > 1
         kw.update(speculative_algorithm="NGRAM", speculative_num_draft_tokens=SPEC_DRAFTS,
                   speculative_ngram_max_bfs_breadth=1, speculative_ngram_min_bfs_breadth=1, disable_radix_cache=True)
@@ -348,7 +348,9 @@ def main() -> None:
                     help="instead of the decode modes: NGRAM chain speculation, recurrent vs KVBuffer")
     ap.add_argument("--spec-batches", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--skip-smoke", action="store_true")
-    ap.add_argument("--radix", action="store_true", help="KVBuffer mode keeps SGLang's default radix cache")
+    ap.add_argument("--radix", action="store_true",
+                    help="KVBuffer mode keeps SGLang's default radix cache (extra_buffer; the plugin flushes each "
+                    "request's buffer on the steps SGLang snapshots its state); without it, the radix cache is off")
     ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)

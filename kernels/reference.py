@@ -55,7 +55,14 @@ def recurrence(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, A_log: Ten
     dtype = _compute_dtype(v, *(() if state is None else (state,)))
     qn, kn, v, g, beta = _prepare(q, k, v, a, b, A_log, dt_bias, scale, dtype)
     HV, V, K = v.shape[1], v.shape[2], qn.shape[2]
-    S = torch.zeros(HV, V, K, dtype=dtype, device=v.device) if state is None else state.to(dtype).clone()
+    return scan(qn, kn, v, g, beta, torch.zeros(HV, V, K, dtype=dtype, device=v.device) if state is None else state)
+
+
+def scan(qn: Tensor, kn: Tensor, v: Tensor, g: Tensor, beta: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    """The recurrence's token loop on gated, normalized inputs (what a prefill kernel receives): qn (scaled), kn
+    `[T, HV, K]`, v `[T, HV, V]`, log decays g and write strengths beta `[T, HV]`, state `[HV, V, K]` (not written).
+    Returns outputs `[T, HV, V]` and the final state in v's dtype."""
+    S = state.to(v.dtype).clone()
     out = torch.empty_like(v)
     for t in range(v.shape[0]):
         S = S * g[t].exp()[:, None, None]

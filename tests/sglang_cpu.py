@@ -112,18 +112,19 @@ def cache_params(s: Shapes, dtype: torch.dtype = torch.float32, dedup_windows: b
                              layers=list(range(s.layers)), dtype=Mamba2StateDType(conv=dtype, temporal=torch.float32))
 
 
-def new_pool(s: Shapes, draft_tokens: int | None = None, per_draft_states: bool = True):
+def new_pool(s: Shapes, draft_tokens: int | None = None, per_draft_states: bool = True, extra_buffer: bool = False):
     """SGLang's HybridReqToTokenPool on DEVICE (fp32 conv and state). With draft_tokens, speculative state for chain
     drafts: per_draft_states makes SGLang's (per-draft states and conv windows, dense; its allocation hard-codes
     CUDA, so the same tensors are made here), for the recurrent oracle; otherwise SGLang's constructor is asked for
-    it, which the plugin's hook (memory.py) answers without per-draft states."""
+    it, which the plugin's hook (memory.py) answers without per-draft states. With extra_buffer, the ping-pong track
+    slots of the radix cache's extra_buffer strategy."""
     from sglang.srt.mem_cache.memory_pool import HybridReqToTokenPool, MambaPool
 
     ask = draft_tokens if not per_draft_states else None
     pool = HybridReqToTokenPool(size=s.requests, mamba_size=s.mamba_slots, mamba_spec_state_size=s.requests,
                                 max_context_len=256, device=DEVICE, enable_memory_saver=False,
                                 cache_params=cache_params(s), mamba_layer_ids=list(range(s.layers)),
-                                enable_mamba_extra_buffer=False, speculative_num_draft_tokens=ask,
+                                enable_mamba_extra_buffer=extra_buffer, speculative_num_draft_tokens=ask,
                                 speculative_eagle_topk=1 if ask else None)
     if draft_tokens and per_draft_states:
         cache = pool.mamba_pool.mamba_cache
@@ -152,11 +153,12 @@ def server_args(**overrides: object):
     return args
 
 
-def new_backend(pool, draft_tokens: int | None = None):
-    """SGLang's GDNAttnBackend over `pool` (its __init__ runs the plugin's hook when the plugin is loaded)."""
+def new_backend(pool, draft_tokens: int | None = None, **args: object):
+    """SGLang's GDNAttnBackend over `pool` (its __init__ runs the plugin's hook when the plugin is loaded); `args`
+    override server arguments (default: radix cache off)."""
     from sglang.srt.layers.attention.linear.gdn_backend import GDNAttnBackend
 
-    args = server_args(speculative_eagle_topk=1 if draft_tokens else None, disable_radix_cache=True)
+    args = server_args(**{"speculative_eagle_topk": 1 if draft_tokens else None, "disable_radix_cache": True, **args})
     runner = SimpleNamespace(device=DEVICE, server_args=args, is_draft_worker=False, req_to_token_pool=pool,
                              token_to_kv_pool=None, model_config=None)
     return GDNAttnBackend(runner)
@@ -224,6 +226,83 @@ def conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tenso
         if intermediate_conv_window is None:
             conv_state[slot] = state
     return out[..., 0] if single else out
+
+
+def conv1d_fn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv_states: torch.Tensor,
+              query_start_loc: torch.Tensor, seq_lens_cpu: torch.Tensor, cache_indices: torch.Tensor,
+              has_initial_state: torch.Tensor, activation: str | None = "silu", **_: object) -> torch.Tensor:
+    """Stand-in for SGLang's prefill causal_conv1d_fn Triton kernel (the same interpreter limit): x `[dim, tokens]`
+    holds the sequences starting at query_start_loc; each starts from its conv state (zeros without
+    has_initial_state) and leaves it advanced, token by token through `conv1d_update`."""
+    out = torch.empty_like(x)
+    for i in range(len(seq_lens_cpu)):
+        slots = cache_indices[i:i + 1]
+        if not bool(has_initial_state[i]):
+            conv_states[slots] = 0
+        for t in range(int(query_start_loc[i]), int(query_start_loc[i + 1])):
+            out[:, t] = conv1d_update(x[None, :, t], conv_states, weight, bias, activation, conv_state_indices=slots)[0]
+    return out
+
+
+def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                           initial_state: torch.Tensor, initial_state_indices: torch.Tensor, cu_seqlens: torch.Tensor,
+                           scale: float | None = None, **_: object) -> tuple[torch.Tensor, None, None]:
+    """Stand-in for SGLang's chunked GDN prefill (FLA kernels on block pointers, which the Triton interpreter no longer
+    runs): q, k `[1, T, H, K]` (l2-normalized here, as SGLang asks the kernel to), v `[1, T, HV, V]`, g, beta
+    `[1, T, HV]`; each sequence runs the recurrence (kvbuffer.kernels.reference.scan) from and back into
+    initial_state[initial_state_indices[i]]. No per-chunk states (h): extends SGLang would snapshot mid-sequence
+    (64 tokens and more) are out of its reach."""
+    from kvbuffer.kernels import reference
+
+    groups = v.shape[-2] // q.shape[-2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qn = (reference.l2norm(q[0].float()) * scale).repeat_interleave(groups, dim=-2)
+    kn = reference.l2norm(k[0].float()).repeat_interleave(groups, dim=-2)
+    out = torch.empty(v.shape[1:], dtype=torch.float32, device=v.device)
+    for i, slot in enumerate(initial_state_indices.tolist()):
+        s, e = int(cu_seqlens[i]), int(cu_seqlens[i + 1])
+        out[s:e], initial_state[slot] = reference.scan(qn[s:e], kn[s:e], v[0, s:e].float(), g[0, s:e].float(),
+                                                       beta[0, s:e].float(), initial_state[slot])
+    return out[None].to(v.dtype), None, None
+
+
+CHUNK, BUFFER, DRAFTS = 4, 8, 3  # the plugin's settings in every test process (SGLang loads plugins once a process)
+
+
+def load_plugin(patch: pytest.MonkeyPatch) -> None:
+    """Loads the plugin the way SGLang does (the `sglang.srt.plugins` entry point, allow-listed by SGLANG_PLUGINS,
+    through SGLang's own load_plugins) and, on the CPU, runs the KVBuffer kernels under the Triton interpreter and the
+    stand-ins above in place of SGLang's conv and prefill kernels."""
+    env = {"SGLANG_PLUGINS": "kvbuffer", "KVBUFFER_SGLANG_BUFFER_SIZE": str(BUFFER),
+           "KVBUFFER_SGLANG_CHUNK_SIZE": str(CHUNK), "KVBUFFER_SGLANG_SPECULATIVE_NUM_DRAFT_TOKENS": str(DRAFTS)}
+    for name, value in env.items():
+        patch.setenv(name, value)
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+    import sglang.srt.layers.attention.linear.gdn_backend as gdn
+    import sglang.srt.layers.attention.linear.kernels.gdn_triton as gdn_triton
+    from kvbuffer.service.sglang.plugin import dispatch
+
+    patch.setattr(dispatch, "KERNEL_BACKEND", "triton")
+    if DEVICE == "cpu":  # on a GPU, SGLang's own kernels run
+        patch.setattr(gdn, "causal_conv1d_update", conv1d_update)
+        patch.setattr(gdn, "causal_conv1d_fn", conv1d_fn)
+        patch.setattr(gdn_triton, "chunk_gated_delta_rule", chunk_gated_delta_rule)
+
+
+@contextlib.contextmanager
+def unpinned_host_memory() -> Iterator[None]:
+    """SGLang's prepare_for_decode stages the radix cache's track indices and mask through pinned host memory, which
+    needs an accelerator; on the CPU the same copies run from pageable memory."""
+    if DEVICE != "cpu":
+        yield
+        return
+    tensor = torch.tensor
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "tensor", lambda *args, pin_memory=False, **kwargs: tensor(*args, **kwargs))
+        patch.setattr(torch.Tensor, "pin_memory", lambda self, *args, **kwargs: self)
+        yield
 
 
 @contextlib.contextmanager

@@ -152,12 +152,19 @@ def test_settings_reach_sglang_as_its_server_args(model_dir: Path) -> None:
     assert resolve(model_dir, cuda_graph_max_batch=48).cuda_graph_max_bs_decode == 48
 
 
-def test_decode_mode_kvbuffer_runs_sglang_without_its_radix_cache(model_dir: Path) -> None:
-    """The plugin refuses SGLang's radix cache (its extra_buffer state tracking is unproven with KVBuffer), so the
-    adapter turns it off for decode_mode kvbuffer and leaves SGLang's default for recurrent."""
-    assert resolve(model_dir, decode_mode="kvbuffer").disable_radix_cache
-    recurrent = resolve(model_dir, decode_mode="recurrent")
-    assert not recurrent.disable_radix_cache and recurrent.mamba_radix_cache_strategy == "extra_buffer"
+def test_decode_mode_kvbuffer_keeps_sglang_radix_cache_unless_speculating(model_dir: Path) -> None:
+    """SGLang's default radix cache for Qwen3-Next (overlap scheduler on: extra_buffer) is the strategy the plugin
+    serves, which decode_mode kvbuffer asks for also with the overlap scheduler off (SGLang would pick no_buffer);
+    with speculative decoding the plugin refuses the radix cache, so the adapter turns it off there."""
+    for mode in ("kvbuffer", "recurrent"):
+        args = resolve(model_dir, decode_mode=mode)
+        assert not args.disable_radix_cache and args.mamba_radix_cache_strategy == "extra_buffer", mode
+    no_overlap = {"sglang": {"extra_server_args": {"disable_overlap_schedule": "true"}}}
+    assert resolve(model_dir, **no_overlap).mamba_radix_cache_strategy == "extra_buffer"
+    assert resolve(model_dir, decode_mode="recurrent", **no_overlap).mamba_radix_cache_strategy == "no_buffer"
+    assert resolve(model_dir, speculative_algorithm="nextn", buffer_size=64).disable_radix_cache
+    assert not resolve(model_dir, speculative_algorithm="nextn", buffer_size=64, decode_mode="recurrent"
+                       ).disable_radix_cache
 
 
 def test_nextn_speculation_is_a_chain_of_the_draft_tokens(model_dir: Path) -> None:

@@ -19,25 +19,13 @@ import torch
 
 sc.require_sglang()
 
-CHUNK, BUFFER, DRAFTS = 4, 8, 3
+CHUNK, BUFFER, DRAFTS = sc.CHUNK, sc.BUFFER, sc.DRAFTS
 TOL = 2e-5
 
 
 @pytest.fixture(scope="module", autouse=True)
 def plugin(monkeypatch_module: pytest.MonkeyPatch) -> None:
-    env = {"SGLANG_PLUGINS": "kvbuffer", "KVBUFFER_SGLANG_BUFFER_SIZE": str(BUFFER),
-           "KVBUFFER_SGLANG_CHUNK_SIZE": str(CHUNK), "KVBUFFER_SGLANG_SPECULATIVE_NUM_DRAFT_TOKENS": str(DRAFTS)}
-    for name, value in env.items():
-        monkeypatch_module.setenv(name, value)
-    from sglang.srt.plugins import load_plugins
-
-    load_plugins()
-    import sglang.srt.layers.attention.linear.gdn_backend as gdn
-    from kvbuffer.service.sglang.plugin import dispatch
-
-    monkeypatch_module.setattr(dispatch, "KERNEL_BACKEND", "triton")
-    if sc.DEVICE == "cpu":  # on a GPU, SGLang's own conv kernel runs
-        monkeypatch_module.setattr(gdn, "causal_conv1d_update", sc.conv1d_update)
+    sc.load_plugin(monkeypatch_module)
 
 
 @pytest.fixture(scope="module")

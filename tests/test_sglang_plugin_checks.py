@@ -45,9 +45,9 @@ def test_bad_settings_name_the_setting(env: dict[str, str], named: str) -> None:
     ({"enable_mixed_chunk": True}, "enable_mixed_chunk"),
     ({"disaggregation_mode": "decode"}, "disaggregation_mode"),
     ({"mamba_ssm_dtype": "bfloat16"}, "mamba_ssm_dtype"),
-    ({"disable_radix_cache": False, "mamba_radix_cache_strategy": "no_buffer"}, "mamba_radix_cache_strategy"),
-    ({"disable_radix_cache": False, "mamba_radix_cache_strategy": "extra_buffer", "extra_buffer": True},
-     "disable_radix_cache"),
+    ({"disable_radix_cache": False, "mamba_radix_cache_strategy": "no_buffer"}, "'no_buffer'"),
+    ({"disable_radix_cache": False, "mamba_radix_cache_strategy": "extra_buffer_lazy", "extra_buffer": True},
+     "'extra_buffer_lazy'"),
     ({"speculative_algorithm": "EAGLE", "speculative_eagle_topk": 4, "speculative_num_draft_tokens": 4},
      "speculative_eagle_topk"),
     ({"speculative_algorithm": "NGRAM", "speculative_ngram_max_bfs_breadth": 2, "speculative_eagle_topk": 2,
@@ -55,7 +55,8 @@ def test_bad_settings_name_the_setting(env: dict[str, str], named: str) -> None:
     ({"speculative_algorithm": "NEXTN", "speculative_eagle_topk": 1, "speculative_num_draft_tokens": 5},
      "speculative_num_draft_tokens"),
     ({"speculative_algorithm": "NEXTN", "speculative_eagle_topk": 1, "speculative_num_draft_tokens": 4,
-      "disable_radix_cache": False, "extra_buffer": True}, "disable_radix_cache"),
+      "disable_radix_cache": False, "mamba_radix_cache_strategy": "extra_buffer", "extra_buffer": True},
+     "speculative decoding with SGLang's radix cache"),
 ])
 def test_forbidden_combinations_are_refused_naming_the_setting(overrides: dict, named: str) -> None:
     settings = PluginSettings(speculative_num_draft_tokens=4, buffer_size=24, chunk_size=16)
@@ -71,6 +72,9 @@ def test_supported_combinations_pass() -> None:
     # NGRAM at breadth 1 (SGLang then sets speculative_eagle_topk 1 and verifies the drafts as one chain)
     assert server_args_problem(sglang_args(speculative_algorithm="NGRAM", speculative_eagle_topk=1,
                                            speculative_num_draft_tokens=4), settings) is None
+    # SGLang's radix cache as it resolves for Qwen3-Next with the overlap scheduler on
+    assert server_args_problem(sglang_args(disable_radix_cache=False, mamba_radix_cache_strategy="extra_buffer",
+                                           extra_buffer=True), settings) is None
     # recurrent mode leaves SGLang as it is, whatever its settings
     assert server_args_problem(sglang_args(enable_linear_replayssm=True), PluginSettings("recurrent")) is None
 

@@ -28,3 +28,22 @@ def test_decode_plans_keep_every_cursor_inside_the_buffer_with_padded_rows() -> 
         assert int(plan.buf_lens.max()) < CAPACITY, f"step {step}: a row appends at {int(plan.buf_lens.max())}"
         assert (plan.write_slots[3:] == -1).all() and (plan.read_slots[3:] == -1).all()
     assert int(p.lens.max()) < CAPACITY
+
+
+def test_rows_sglang_snapshots_flush_their_whole_buffer() -> None:
+    """Where SGLang's radix cache snapshots a row's state this step (its mamba_track_mask, extra_buffer strategy), the
+    plan flushes that row (checkpoint slot written, cursor back to 0) whatever its cursor; padded rows, whose mask
+    entries a CUDA-graph replay leaves stale, never flush."""
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    p = pools(requests=6)
+    lens = torch.randint(0, CHUNK - 1, (6,), generator=generator, dtype=torch.int32)  # none due by its cursor
+    p.lens[:6] = lens
+    snapshot = torch.rand(8, generator=generator) < 0.5
+    snapshot[6:] = True
+    mamba = torch.cat([torch.arange(6) + 10, torch.full((2,), -1)])
+    rows = torch.cat([torch.arange(6), torch.zeros(2, dtype=torch.int64)])
+    plan = plan_decode(p, mamba, rows, CHUNK, snapshot)
+    assert torch.equal(plan.write_slots, torch.cat([torch.where(snapshot[:6], mamba[:6], -1), torch.full((2,), -1)]))
+    assert torch.equal(plan.buf_lens[:6], lens)
+    assert torch.equal(p.lens[:6], torch.where(snapshot[:6], 0, lens + 1).to(torch.int32))
+    assert p.lens[p.scratch] == 0

@@ -21,8 +21,10 @@ Mapping, kvbuffer setting -> SGLang argument:
   SGLang's processes in its environment variables (plugin_environment)
 Fixed by the adapter: incremental_streaming_output (chunks are deltas), skip_tokenizer_init off (SGLang
 tokenizes and detokenizes with the model directory's tokenizer); log_level one step quieter for SGLang (its info
-logs batches); with decode_mode kvbuffer, disable_radix_cache (the plugin serves no radix cache yet; an
-extra_server_args value false is refused by the plugin, naming it).
+logs batches); with decode_mode kvbuffer, mamba_radix_cache_strategy extra_buffer (SGLang's own choice for
+Qwen3-Next with the overlap scheduler on; the plugin serves the radix cache with that strategy only), or with
+speculative decoding disable_radix_cache (the plugin serves none while speculating); other values in
+extra_server_args are refused by the plugin, naming them.
 """
 
 from __future__ import annotations
@@ -141,8 +143,9 @@ def server_arguments(settings: ServiceSettings) -> list[ServerArg]:
             ServerArg("seed", "random_seed", settings.seed),
             ServerArg("max_running_requests", "max_running_requests", settings.max_running_requests),
             ServerArg("max_waiting_requests", "max_queued_requests", settings.max_waiting_requests)]
-    if settings.decode_mode == "kvbuffer":  # the plugin refuses SGLang's radix cache (plugin/checks.py)
-        args.append(ServerArg("decode_mode", "disable_radix_cache", True))
+    if settings.decode_mode == "kvbuffer":  # the radix cache strategy the plugin serves, none while speculating
+        args.append(ServerArg("decode_mode", "disable_radix_cache", True) if settings.speculative_algorithm != "none"
+                    else ServerArg("decode_mode", "mamba_radix_cache_strategy", "extra_buffer"))
     if "max_context_length" in given:
         args.append(ServerArg("max_context_length", "context_length", settings.max_context_length))
     if "cuda_graph_max_batch" in given:

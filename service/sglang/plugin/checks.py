@@ -50,11 +50,17 @@ def server_args_problem(args: Any, settings: PluginSettings) -> str | None:
         return "kvbuffer: enable_page_major_kv_layout strides the state pool; the KVBuffer kernels need it dense"
     if getattr(args, "mamba_ssm_dtype", None) not in (None, "float32"):
         return f"kvbuffer: mamba_ssm_dtype={args.mamba_ssm_dtype!r}: the KVBuffer kernels keep float32 states"
-    if not getattr(args, "disable_radix_cache", False):
-        # no_buffer caches states that lag the buffer; extra_buffer's state tracking (mamba_track_mask, track slots)
-        # has never run with the plugin (its start hung on a GPU after decode graph capture): refused until it has
-        return (f"kvbuffer: decode_mode=kvbuffer runs without SGLang's radix cache (mamba_radix_cache_strategy="
-                f"{args.mamba_radix_cache_strategy!r} is not supported with it); set disable_radix_cache")
+    radix = not getattr(args, "disable_radix_cache", False)
+    strategy = getattr(args, "mamba_radix_cache_strategy", None)
+    if radix and strategy != "extra_buffer":
+        # extra_buffer caches the states its decode snapshots into track slots, and the plan flushes the buffer on
+        # those steps (plan.plan_decode). no_buffer caches the request's own slot, which lags the buffer by its
+        # entries; extra_buffer_lazy's slot handling has not run with the plugin.
+        return (f"kvbuffer: decode_mode=kvbuffer serves SGLang's radix cache with mamba_radix_cache_strategy="
+                f"'extra_buffer' only, not {strategy!r}: set it (or disable_radix_cache)")
+    if radix and getattr(args, "speculative_algorithm", None):
+        return ("kvbuffer: speculative decoding with SGLang's radix cache (state tracking during verify) is not "
+                "supported with decode_mode=kvbuffer; set disable_radix_cache")
     if getattr(args, "speculative_algorithm", None):
         # NGRAM: SGLang sets speculative_eagle_topk to speculative_ngram_max_bfs_breadth. At 1 its GDN verify runs the
         # drafts as one chain (no retrieve_parent_token) and commits the state at the last accepted node's index;

@@ -89,7 +89,9 @@ def _plan(backend: Any, rt: Runtime, forward_batch: Any) -> planning.StepPlan | 
     slots = backend.forward_metadata.mamba_cache_indices
     rows = forward_batch.req_pool_indices
     if mode.is_decode_or_idle():
-        return planning.plan_decode(rt.pools, slots, rows[:slots.shape[0]], rt.settings.chunk_size)
+        track = forward_batch.mamba_track_mask  # radix cache extra_buffer: rows snapshotted this step, else None
+        return planning.plan_decode(rt.pools, slots, rows[:slots.shape[0]], rt.settings.chunk_size,
+                                    None if track is None else track[:slots.shape[0]])
     if mode.is_target_verify():
         return planning.plan_verify(rt.pools, slots, rows[:slots.shape[0]], rt.settings.chunk_size)
     if mode.is_extend():

@@ -33,11 +33,14 @@ def _rows(pools: KVBufferPools, mamba_slots: Tensor, req_slots: Tensor) -> tuple
     return valid, buf, read, pools.lens[buf]
 
 
-def plan_decode(pools: KVBufferPools, mamba_slots: Tensor, req_slots: Tensor, chunk_size: int) -> StepPlan:
-    """One token per row: flush where the buffer reaches chunk_size, then the cursor is 0 there and one more
-    elsewhere."""
+def plan_decode(pools: KVBufferPools, mamba_slots: Tensor, req_slots: Tensor, chunk_size: int,
+                snapshot: Tensor | None = None) -> StepPlan:
+    """One token per row: flush where the buffer reaches chunk_size, and where SGLang snapshots the row's state for
+    its radix cache this step (`snapshot`, its mamba_track_mask: the track copy after the last GDN layer must see
+    the whole state), then the cursor is 0 there and one more elsewhere."""
     valid, buf, read, lens = _rows(pools, mamba_slots, req_slots)
-    flush = valid & (lens + 1 >= chunk_size)
+    due = lens + 1 >= chunk_size
+    flush = valid & (due if snapshot is None else due | snapshot)
     pools.lens[buf] = torch.where(flush | ~valid, 0, lens + 1).to(torch.int32)  # padding rows: always empty
     pools.counts[0] += flush.sum()
     return StepPlan(buf, lens, read, torch.where(flush, read, -1), torch.zeros_like(lens))

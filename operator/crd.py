@@ -18,32 +18,60 @@ from kvbuffer.operator.autoscaling.config import AutoscalingSpec
 from kvbuffer.operator.openapi import structural
 from kvbuffer.operator.spec import CR_SETTINGS, KVBufferServiceSpec
 from kvbuffer.operator.status import KVBufferServiceStatus
+from kvbuffer.service.engine.config import DEFAULT_MODEL
 from kvbuffer.service.server.settings import ServiceSettings
 from pydantic import BaseModel
 
 FILE = f"deploy/helm/kvbuffer/crds/{r.PLURAL}.{r.GROUP}.yaml"  # relative to the repository root
 
 
-def _value(model: type[BaseModel], name: str, key: str | None = None) -> str:
-    """CEL for a field's value, the model's default when the object leaves it unset (CEL sees no defaults)."""
+def _value(model: type[BaseModel], name: str, key: str | None = None, parent: str | None = None) -> str:
+    """CEL for a field's value, the model's default when the object leaves it unset (CEL sees no defaults);
+    `parent`: the field sits in that object field of `self`, which may itself be unset."""
     default = model.model_fields[name].default
     literal = f"'{default}'" if isinstance(default, str) else str(default).lower()
     key = key or name
-    return f"(has(self.{key}) ? self.{key} : {literal})"
+    if parent is None:
+        return f"(has(self.{key}) ? self.{key} : {literal})"
+    return f"(has(self.{parent}) && has(self.{parent}.{key}) ? self.{parent}.{key} : {literal})"
 
 
 def _setting(name: str) -> str:
-    return _value(ServiceSettings, name)
+    return _value(ServiceSettings, name, parent="settings")
 
 
 def settings_rules() -> list[dict[str, str]]:
-    """The engine's cross-setting checks (EngineConfig) as CEL, with the service's defaults filled in."""
-    drafts = (f"({_setting('speculative_algorithm')} == 'none' ? 0 : {_setting('speculative_num_draft_tokens')})")
+    """The service's cross-setting checks as CEL on the spec, with the service's defaults filled in. They depend on
+    the engine: the native one checks chunk_size + drafts <= buffer_size and speculates only with decode_mode
+    kvbuffer (EngineConfig); SGLang verifies the drafts together with the token before them, so its buffer must
+    hold one more, checks the buffer only with decode_mode kvbuffer, speculates in the recurrent baseline too,
+    and serves a model directory on GPUs (kvbuffer.service.sglang.settings.check_settings)."""
+    engine = _value(KVBufferServiceSpec, "engine")
+    native, sglang = f"{engine} != 'sglang'", f"{engine} == 'sglang'"
+    speculating = f"{_setting('speculative_algorithm')} != 'none'"
+    drafts = _setting("speculative_num_draft_tokens")
+    kvbuffer = f"{_setting('decode_mode')} == 'kvbuffer'"
+    chunk, buffer = _setting("chunk_size"), _setting("buffer_size")
+    embedded = DEFAULT_MODEL.split(":")[0] + ":"
     return [
-        {"rule": f"{_setting('chunk_size')} + {drafts} <= {_setting('buffer_size')}",
-         "message": "chunk_size + speculative_num_draft_tokens must be <= buffer_size", "fieldPath": ".chunk_size"},
-        {"rule": f"{_setting('speculative_algorithm')} == 'none' || {_setting('decode_mode')} == 'kvbuffer'",
-         "message": "speculative decoding needs decode_mode kvbuffer", "fieldPath": ".speculative_algorithm"},
+        {"rule": f"{sglang} || {chunk} + ({speculating} ? {drafts} : 0) <= {buffer}",
+         "message": "chunk_size + speculative_num_draft_tokens must be <= buffer_size",
+         "fieldPath": ".settings.chunk_size"},
+        {"rule": f"{native} || !({kvbuffer}) || {chunk} + ({speculating} ? {drafts} + 1 : 0) <= {buffer}",
+         "message": "with engine sglang and decode_mode kvbuffer, chunk_size + speculative_num_draft_tokens + 1 "
+                    "must be <= buffer_size (SGLang verifies the drafts together with the token before them)",
+         "fieldPath": ".settings.chunk_size"},
+        {"rule": f"{sglang} || !({speculating}) || {kvbuffer}",
+         "message": "speculative decoding needs decode_mode kvbuffer on engine native",
+         "fieldPath": ".settings.speculative_algorithm"},
+        {"rule": f"{sglang} || {_setting('speculative_algorithm')} in ['none', 'ngram']",
+         "message": "speculative_algorithm nextn, eagle and eagle3 need engine sglang",
+         "fieldPath": ".settings.speculative_algorithm"},
+        {"rule": f"{native} || (has(self.gpusPerReplica) && self.gpusPerReplica > 0)",
+         "message": "engine sglang runs on GPUs: gpusPerReplica must be >= 1", "fieldPath": ".gpusPerReplica"},
+        {"rule": f"{native} || !self.model.startsWith('{embedded}')",
+         "message": f"engine sglang serves a model directory; {DEFAULT_MODEL} runs on engine native",
+         "fieldPath": ".model"},
     ]
 
 
@@ -54,7 +82,6 @@ def settings_schema() -> dict[str, Any]:
         "description": "service settings by their own names (`kvbuffer serve --help`); unset ones keep the "
                        "service's defaults",
         "properties": {name: service["properties"][name] for name in CR_SETTINGS},
-        "x-kubernetes-validations": settings_rules(),
     }
 
 
@@ -84,7 +111,8 @@ def spec_schema() -> dict[str, Any]:
         {"rule": "(has(self.tensorParallelSize) ? self.tensorParallelSize : 1) == 1 || "
                  "(has(self.engine) && self.engine == 'sglang')",
          "message": "tensorParallelSize > 1 needs engine sglang (the native engine runs one GPU)",
-         "fieldPath": ".tensorParallelSize"}]
+         "fieldPath": ".tensorParallelSize"},
+        *settings_rules()]
     return schema
 
 

@@ -7,6 +7,7 @@ the server turns NOT_SERVING while it drains, so a terminating pod leaves the Se
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from typing import Any
 
@@ -16,6 +17,15 @@ from kvbuffer.operator.spec import KVBufferServiceSpec
 
 SHM_SIZE = "8Gi"  # tensor-parallel ranks exchange tensors through /dev/shm (NCCL); 64 MiB, the default, is too small
 STARTUP_SECONDS = 1800  # a large model takes minutes to load: the startup probe allows this long before restarts
+USER_ID = 10001  # the images' user (Dockerfile)
+HOME = "/home/kvbuffer"  # its home: Triton's and SGLang's caches
+# The restricted Pod Security Standard, as the chart's pods run: a namespace that enforces it admits these pods.
+# The root filesystem is read-only, so the caches and temporary files go to emptyDirs (SCRATCH).
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": USER_ID, "runAsGroup": USER_ID, "fsGroup": USER_ID,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                      "capabilities": {"drop": ["ALL"]}}
+SCRATCH = {"home": HOME, "tmp": "/tmp"}
 
 
 def config_text(spec: KVBufferServiceSpec) -> str:
@@ -61,11 +71,15 @@ def deployment(name: str, namespace: str, uid: str, spec: KVBufferServiceSpec) -
     labels = r.selector_labels(name)
     settings = spec.server_settings()
     grace = settings.get("shutdown_grace_period_s", 30.0)
-    volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": r.config_map_name(name)}}]
-    mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": r.CONFIG_DIR, "readOnly": True}]
-    if spec.tensor_parallel_size > 1:
+    volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": r.config_map_name(name)}},
+                                     *({"name": volume, "emptyDir": {}} for volume in SCRATCH)]
+    mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": r.CONFIG_DIR, "readOnly": True},
+                                    *({"name": volume, "mountPath": path} for volume, path in SCRATCH.items())]
+    if spec.gpus_per_replica:  # SGLang's processes, and tensor-parallel ranks, share tensors through /dev/shm
         volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}})
         mounts.append({"name": "shm", "mountPath": "/dev/shm"})
+    volumes += copy.deepcopy(spec.volumes)
+    mounts += copy.deepcopy(spec.volume_mounts)
     container = {
         "name": "server",
         "image": spec.image,
@@ -79,7 +93,7 @@ def deployment(name: str, namespace: str, uid: str, spec: KVBufferServiceSpec) -
         "startupProbe": _grpc_probe(10, STARTUP_SECONDS // 10),
         "readinessProbe": _grpc_probe(5, 2),
         "livenessProbe": _grpc_probe(10, 6),
-        "securityContext": {"allowPrivilegeEscalation": False},
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
     }
     template_annotations = {r.CONFIG_HASH_ANNOTATION: config_hash(spec), "prometheus.io/scrape": "true",
                             "prometheus.io/port": str(r.METRICS_PORT)}
@@ -94,11 +108,14 @@ def deployment(name: str, namespace: str, uid: str, spec: KVBufferServiceSpec) -
             "template": {
                 "metadata": {"labels": labels, "annotations": template_annotations},
                 "spec": {
+                    "securityContext": copy.deepcopy(POD_SECURITY),
+                    "enableServiceLinks": False,  # no variables per Service of the namespace in the environment
                     "containers": [container],
                     "volumes": volumes,
                     # The server drains for shutdown_grace_period_s; the kubelet must not kill it sooner.
                     "terminationGracePeriodSeconds": int(grace) + 10,
                     **({"nodeSelector": dict(spec.node_selector)} if spec.node_selector else {}),
+                    **({"tolerations": copy.deepcopy(spec.tolerations)} if spec.tolerations else {}),
                 },
             },
         },

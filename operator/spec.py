@@ -24,6 +24,8 @@ CR_SETTINGS = tuple(name for name in ServiceSettings.model_fields if name not in
 # The tensor-parallel setting of the engine that has one (SGLang's name); rendered only where the settings have it.
 TENSOR_PARALLEL_SETTING = "tp_size"
 
+# The pod volumes the operator renders itself (kvbuffer.operator.render): spec.volumes may not reuse their names.
+RESERVED_VOLUMES = frozenset({"config", "home", "tmp", "shm"})
 Engine = ServiceSettings.model_fields["engine"].annotation  # the engines the service offers
 DEFAULT_IMAGE = f"kvbuffer:{importlib.metadata.version('kvbuffer')}"
 
@@ -62,6 +64,13 @@ class KVBufferServiceSpec(BaseModel):
                                  "GPUs come from gpusPerReplica)")
     node_selector: dict[str, str] = Field(default_factory=dict, description="node labels a replica's node must "
                                           "carry (the pods' nodeSelector), e.g. a GPU pool's")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="the pods' tolerations "
+                                              "(core/v1 Toleration), e.g. of a GPU pool's taint nvidia.com/gpu")
+    volumes: list[dict[str, Any]] = Field(default_factory=list, description="volumes added to each pod "
+                                          "(core/v1 Volume), e.g. the model's PersistentVolumeClaim; not named "
+                                          f"{', '.join(sorted(RESERVED_VOLUMES))} (the operator's)")
+    volume_mounts: list[dict[str, Any]] = Field(default_factory=list, description="mounts of `volumes` into the "
+                                                "server container (core/v1 VolumeMount), e.g. the model directory")
     settings: dict[str, Any] = Field(default_factory=dict, description="service settings by their own names "
                                      "(buffer_size, chunk_size, decode_mode, ...: `kvbuffer serve --help`); "
                                      "unset ones keep the service's defaults")
@@ -75,6 +84,13 @@ class KVBufferServiceSpec(BaseModel):
                              f"tensorParallelSize ({self.tensor_parallel_size})")
         if self.tensor_parallel_size > 1 and self.engine != "sglang":
             raise ValueError("tensorParallelSize > 1 needs engine sglang (the native engine runs one GPU)")
+        names = [volume.get("name") for volume in self.volumes]
+        reserved = sorted(RESERVED_VOLUMES.intersection(names))
+        if reserved:
+            raise ValueError(f"volumes: {', '.join(reserved)} is the operator's volume; name yours otherwise")
+        unknown = sorted({str(mount.get("name")) for mount in self.volume_mounts} - set(names))
+        if unknown:
+            raise ValueError(f"volumeMounts: {', '.join(unknown)} names no volume of spec.volumes")
         return self
 
     def server_settings(self) -> dict[str, Any]:

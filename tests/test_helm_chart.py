@@ -26,6 +26,9 @@ from helm_harness import (
     values_args,
     values_schema_module,
 )
+from kvbuffer.operator.render import config_text
+from kvbuffer.operator.render import deployment as render_deployment
+from kvbuffer.operator.spec import parse_spec
 from kvbuffer.service.server.settings import ServiceSettings, load_settings
 
 KUBERNETES_VERSION = "1.35.0"
@@ -140,6 +143,47 @@ def _server(objects: list[dict[str, Any]]) -> dict[str, Any]:
 def _settings_file(objects: list[dict[str, Any]]) -> dict[str, Any]:
     (config,) = [c for c in of_kind(objects, "ConfigMap") if c["metadata"]["name"].endswith("-config")]
     return yaml.safe_load(config["data"]["settings.yaml"])
+
+
+def _gpu_service(rng: random.Random) -> dict[str, Any]:
+    """A KVBufferService spec as a platform team writes one for a GPU pool (80B model, tensor parallel, FP8)."""
+    tp = rng.choice([1, 2, 4])
+    buffer_size = rng.choice([64, 128])
+    return {"model": "/models/Qwen3-Next-80B-A3B-Instruct-FP8", "engine": "sglang", "replicas": rng.randint(1, 4),
+            "gpusPerReplica": tp * rng.randint(1, 2), "tensorParallelSize": tp,
+            "resources": {"requests": {"cpu": str(8 * tp), "memory": f"{64 * tp}Gi"}},
+            "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H200"},
+            "settings": {"buffer_size": buffer_size, "chunk_size": rng.randint(1, buffer_size // 2),
+                         "decode_mode": "kvbuffer", "shutdown_grace_period_s": rng.randint(10, 120),
+                         "sglang": {"quantization": "fp8"}}}
+
+
+def test_operator_pods_run_as_the_charts_server_pods(tmp_path: Path) -> None:
+    """The same service, made by the operator (a KVBufferService) or by the chart (`server`), runs alike: the same
+    settings, and the chart's hardening (restricted pod security, read-only root with writable scratch), so a
+    namespace that enforces the restricted Pod Security Standard admits the operator's pods too."""
+    spec = _gpu_service(random.Random())
+    objects = render(None, "server.enabled=true", "operator.enabled=false",
+                     set_json={"services": [], **{f"server.{key}": value for key, value in spec.items()}})
+    chart_pod = _server(objects)["spec"]["template"]["spec"]
+    operator_pod = render_deployment("kvbuffer", "inference", "uid", parse_spec(spec))["spec"]["template"]["spec"]
+    files = {}
+    for source, text in (("chart", yaml.safe_dump(_settings_file(objects))),
+                         ("operator", config_text(parse_spec(spec)))):
+        (tmp_path / f"{source}.yaml").write_text(text)
+        files[source] = load_settings(config_file=tmp_path / f"{source}.yaml")
+    assert files["operator"] == files["chart"]
+    assert operator_pod["securityContext"] == chart_pod["securityContext"]
+    assert operator_pod.get("enableServiceLinks") == chart_pod["enableServiceLinks"]
+    (chart_container,), (operator_container,) = chart_pod["containers"], operator_pod["containers"]
+    assert operator_container["securityContext"] == chart_container["securityContext"]
+
+    def scratch(pod: dict[str, Any], container: dict[str, Any]) -> set[str]:
+        """Where the container may write: the mount paths of its emptyDir volumes."""
+        empty = {volume["name"] for volume in pod["volumes"] if "emptyDir" in volume}
+        return {mount["mountPath"] for mount in container["volumeMounts"] if mount["name"] in empty}
+
+    assert scratch(chart_pod, chart_container) <= scratch(operator_pod, operator_container)
 
 
 def test_server_deployment_serves_the_values_settings_on_gpus(tmp_path: Path) -> None:

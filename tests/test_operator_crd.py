@@ -162,6 +162,37 @@ def test_cel_rules_agree_with_the_operator_on_random_settings() -> None:
     assert min(checked.values()) > 20  # both verdicts were exercised
 
 
+def random_gpu_spec(rng: random.Random) -> dict[str, Any]:
+    """A spec of either engine as a platform team writes one: GPUs, tensor parallel, decode mode, speculation."""
+    tp = rng.choice([1, 2, 4])
+    spec = {"model": rng.choice(["/models/qwen3-next-80b", "embedded:tiny-qwen3-next"]),
+            "engine": rng.choice(["native", "sglang"]), "gpusPerReplica": tp * rng.randint(0, 2),
+            "tensorParallelSize": tp, "settings": {name: value for name, value in {
+                "buffer_size": rng.randint(1, 160), "chunk_size": rng.randint(1, 128),
+                "speculative_num_draft_tokens": rng.randint(0, 16),
+                "speculative_algorithm": rng.choice(["none", "ngram", "nextn"]),
+                "decode_mode": rng.choice(["kvbuffer", "recurrent"])}.items() if rng.random() < 0.7}}
+    return {key: value for key, value in spec.items() if key == "model" or rng.random() < 0.8}
+
+
+def test_cel_rules_agree_with_the_operator_on_either_engine() -> None:
+    """The API server admits exactly the specs the operator applies, engine sglang (GPUs, tensor parallel, its own
+    speculative verify and the recurrent baseline's speculation) included, not only the native engine's."""
+    rng = random.Random()
+    checked = {True: 0, False: 0}
+    for _ in range(600):
+        spec = random_gpu_spec(rng)
+        admitted = not cel_violations({"spec": spec})
+        try:
+            parse_spec(spec)
+            applied = True
+        except SpecError as exc:
+            applied, reason = False, str(exc)
+        assert admitted == applied, (spec, cel_violations({"spec": spec}) or reason)
+        checked[admitted] += 1
+    assert min(checked.values()) > 50  # both verdicts were exercised
+
+
 def test_settings_schema_is_the_service_settings() -> None:
     properties = SCHEMA["properties"]["spec"]["properties"]["settings"]["properties"]
     assert list(properties) == list(CR_SETTINGS)

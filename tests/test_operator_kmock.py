@@ -111,6 +111,35 @@ async def test_a_gpu_service_with_integer_quantities_gets_its_deployment(cluster
         assert served_settings(cluster, name)["device"] == "cuda"
 
 
+async def test_a_gpu_service_schedules_on_tainted_gpu_nodes_and_mounts_its_model(cluster: Cluster) -> None:
+    """GPU nodes carry a taint and the weights of an 80B model live on a volume: the pods tolerate the taint and
+    mount the volume where the spec's model path points; dropping the tolerations from the spec drops them."""
+    name, uid = fresh()
+    tp = random.choice([2, 4])
+    claim, pool = f"weights-{uuid.uuid4().hex[:6]}", f"h200-{uuid.uuid4().hex[:6]}"
+    tolerations = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                   {"key": "example.com/pool", "operator": "Equal", "value": pool, "effect": "NoSchedule"}]
+    volumes = [{"name": "models", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}]
+    mounts = [{"name": "models", "mountPath": "/models", "readOnly": True}]
+    async with running_operator():
+        await cluster.create(name, {
+            "model": "/models/Qwen3-Next-80B-A3B-Instruct-FP8", "engine": "sglang", "gpusPerReplica": tp,
+            "tensorParallelSize": tp, "nodeSelector": {"example.com/pool": pool}, "tolerations": tolerations,
+            "volumes": volumes, "volumeMounts": mounts,
+            "settings": {"buffer_size": 64, "chunk_size": 32, "sglang": {"quantization": "fp8"}}}, uid)
+        await applied(cluster, name, 1)
+        pod = cluster.object("apps/v1/deployments", name)["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert pod["tolerations"] == tolerations
+        assert volumes[0] in pod["volumes"] and mounts[0] in container["volumeMounts"]
+        assert len({volume["name"] for volume in pod["volumes"]}) == len(pod["volumes"])  # no name twice
+        assert served_settings(cluster, name)["sglang"] == {"quantization": "fp8", "tp_size": tp}
+
+        await cluster.edit(name, {"tolerations": None})
+        await applied(cluster, name, 2)
+        assert "tolerations" not in cluster.object("apps/v1/deployments", name)["spec"]["template"]["spec"]
+
+
 async def test_settings_edit_rolls_the_deployment_and_an_invalid_edit_never_reaches_a_pod(cluster: Cluster) -> None:
     name, uid = fresh()
     async with running_operator():

@@ -16,7 +16,7 @@ import pytest
 from kvbuffer.operator import resource as r
 from kvbuffer.operator.cluster import contains, patch_from
 from kvbuffer.operator.render import config_hash, deployment, desired_objects
-from kvbuffer.operator.spec import KVBufferServiceSpec, parse_spec
+from kvbuffer.operator.spec import RESERVED_VOLUMES, KVBufferServiceSpec, SpecError, parse_spec
 from kvbuffer.service.server.settings import load_settings
 from operator_emulator import merge_patch
 
@@ -89,6 +89,20 @@ def test_deployment_keeps_capacity_and_probes_grpc() -> None:
     assert {"name": "shm", "mountPath": "/dev/shm"} in container["volumeMounts"]
     assert obj["spec"]["selector"]["matchLabels"] == r.selector_labels("a")
     assert obj["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+
+
+def test_spec_volumes_may_not_take_the_operators_volume_names() -> None:
+    """The operator's own volumes are RESERVED_VOLUMES; a spec volume of one of those names, or a mount of no spec
+    volume, would make a pod the API server refuses: the operator refuses the spec first, naming the field."""
+    spec = parse_spec({"model": "/models/q", "engine": "sglang", "gpusPerReplica": 2, "tensorParallelSize": 2})
+    pod = deployment("a", "ns", "uid", spec)["spec"]["template"]["spec"]
+    assert {volume["name"] for volume in pod["volumes"]} == RESERVED_VOLUMES
+    taken = random.choice(sorted(RESERVED_VOLUMES))
+    with pytest.raises(SpecError, match=f"volumes: {taken} is the operator's volume"):
+        parse_spec({"model": "m", "volumes": [{"name": taken, "emptyDir": {}}]})
+    with pytest.raises(SpecError, match="volumeMounts: weights names no volume"):
+        parse_spec({"model": "m", "volumes": [{"name": "models", "emptyDir": {}}],
+                    "volumeMounts": [{"name": "weights", "mountPath": "/models"}]})
 
 
 def as_served(obj: dict[str, Any]) -> dict[str, Any]:

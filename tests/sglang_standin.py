@@ -5,18 +5,28 @@ kvbuffer.service.sglang.engine), with SGLang 0.5.17's observable behaviour there
 - `async_generate(..., stream=True)` returns an async iterator of outputs `{"text", "output_ids", "meta_info"}`;
   with incremental_streaming_output each carries the delta since the last, and several decode steps can arrive
   coalesced in one output (SGLang coalesces what queued up); meta_info has `prompt_tokens`, `completion_tokens`
-  (cumulative), `finish_reason` (None, or {"type": "stop", "matched": id | str} / {"type": "length"} /
-  {"type": "abort", "message", "status_code"?}), `output_token_logprobs` ([(logprob, id, None)], sliced to the
-  delta) when asked, and the speculative counts at the end when speculation is on;
-- stop strings end the text before them; a matched stop token is in output_ids, its text is not;
+  (cumulative), `finish_reason` (None, or schedule_batch.py's FINISH_*.to_json(): {"type": "stop", "matched":
+  token id | the stop string} / {"type": "length", "length"} / {"type": "abort", "message", "status_code",
+  "err_type"}), `output_token_logprobs` ([(logprob, id, None)], sliced to the delta) when asked, and the
+  speculative counts at the end when speculation is on;
+- stop strings end the text before them; while the text's tail may begin one, the scheduler streams nothing
+  (output_streamer.py, check_match_stop_str_prefix); a matched stop token is in output_ids, its text is not; with
+  ignore_eos no token id stops a request, stop_token_ids included (Req._check_token_based_finish);
+- the scheduler's length limits (scheduler.py, init_req_max_new_tokens and validate_input_length): a prompt of
+  `max_req_input_len` tokens or more (the model's context less 6, as `tokenizer_manager.max_req_input_len` says)
+  ends at once with an "abort" of status_code 400, and max_new_tokens is cut to `max_req_input_len + 4 - prompt`
+  without a word;
 - a request is known to SGLang (registered: its TokenizerManager's `rid_to_state`) only from the first step of
   its stream: `async_generate` only builds the stream, and SGLang's `generate_request` registers the rid when
   first iterated, before its first await, then dispatches it to the scheduler; it unregisters it when it ends.
   `register_delay_s` is how long `async_generate` takes to hand the stream back (SGLang's does at once): it
   widens, for tests, the window in which the adapter has asked for the request but SGLang does not know it yet;
-- `tokenizer_manager.abort_request(rid)` for a registered request ends it with an "abort" output whose text is the
-  whole text so far and whose output_ids is only the last id (as SGLang's `_handle_abort_req` streams it); for a
-  request not registered (not started, or ended) it does nothing;
+- `tokenizer_manager.abort_request(rid)` for a registered request has the scheduler abort every request whose rid
+  starts with rid (Scheduler.abort_request: `req.rid.startswith(recv_req.rid)`): a queued one ends with an "abort"
+  output, message "Abort in waiting queue", whose text is the whole text so far and whose output_ids is its last
+  id (TokenizerManager._handle_abort_req); a running one decodes one more step and ends with that step's delta and
+  FINISH_ABORT's {"type": "abort", "message": "Aborted"}. For a request not registered (not started, or ended)
+  abort_request does nothing;
 - a full waiting queue (max_queued_requests) is an "abort" output with status_code 503 before any token.
 
 Its "model" is a fixed function of the context (`next_token`), so tests know every token it will produce.
@@ -96,6 +106,7 @@ class StandInSGLang:
                                        hf_config=hf_config, dtype="torch.bfloat16")
         self.tokenizer_manager = SimpleNamespace(tokenizer=tokenizer, model_config=model_config,
                                                  context_len=context_len, num_reserved_tokens=0,
+                                                 max_req_input_len=context_len - 6,
                                                  abort_request=self._abort, auto_create_handle_loop=self._handle_loop)
         self.received: dict[str, dict[str, Any]] = {}  # rid -> the arguments of async_generate
         self.outputs: dict[str, list[int]] = {}  # rid -> every id it produced
@@ -123,8 +134,9 @@ class StandInSGLang:
 
     def _abort(self, rid: str = "", abort_all: bool = False) -> None:
         if rid in self.registered:  # SGLang's abort_request finds no state for any other rid and does nothing
-            self._abort_requested.add(rid)
-            self.aborted.append(rid)
+            hit = sorted(other for other in self.active if other.startswith(rid))  # as the scheduler matches
+            self._abort_requested.update(hit)
+            self.aborted.extend(hit)
 
     def shutdown(self) -> None:
         self.shut_down = True
@@ -151,17 +163,29 @@ class StandInSGLang:
     async def _schedule(self, rid: str, prompt: list[int], params: dict[str, Any], logprobs: bool
                         ) -> AsyncIterator[dict[str, Any]]:
         assert self._slots is not None
+        limit_input = self.tokenizer_manager.max_req_input_len
+        if len(prompt) >= limit_input:
+            yield self._out("", [], len(prompt), 0, {
+                "type": "abort", "message": f"Input length ({len(prompt)} tokens) exceeds the maximum allowed length "
+                f"({limit_input} tokens).", "status_code": 400, "err_type": "BadRequestError"})
+            return
+        params = {**params, "max_new_tokens": min(params["max_new_tokens"], limit_input + 4 - len(prompt))}
         queued = self.active - {r for r in self.active if r in self.outputs}
         limit = self.server_args.max_queued_requests
         if limit is not None and self._running >= self.server_args.max_running_requests and len(queued) >= limit:
             yield self._out("", [], len(prompt), 0, {"type": "abort", "message": "The request queue is full.",
-                                                      "status_code": 503})
+                                                      "status_code": 503, "err_type": None})
             return
         self.active.add(rid)
         try:
             async with self._slots:
                 await self._slots.wait_for(lambda: self._running < self.server_args.max_running_requests
                                            or rid in self._abort_requested)
+                if rid in self._abort_requested:  # still queued
+                    yield {"text": "", "output_ids": [], "meta_info": {
+                        "id": rid, "finish_reason": {"type": "abort", "message": "Abort in waiting queue"},
+                        "completion_tokens": 0}}
+                    return
                 self._running += 1
             try:
                 async for out in self._decode(rid, prompt, params, logprobs):
@@ -177,29 +201,28 @@ class StandInSGLang:
                       ) -> AsyncIterator[dict[str, Any]]:
         ids: list[int] = []
         self.outputs[rid], self.texts[rid] = ids, ""
-        stops = set(params.get("stop_token_ids") or ()) | (set() if params.get("ignore_eos") else {EOS})
+        stops = set() if params.get("ignore_eos") else set(params.get("stop_token_ids") or ()) | {EOS}
         stop_strings = params.get("stop") or []
         sent_ids, sent_text, outputs = 0, "", 0
         while True:
             finish = None
             for _ in range(self.coalesce):
                 await asyncio.sleep(self.step_s)
-                if rid in self._abort_requested:
-                    yield self._out(self.texts[rid], ids[-1:], len(prompt), len(ids),
-                                    {"type": "abort", "message": "Abort in waiting queue"})
-                    return
+                aborted = rid in self._abort_requested
                 token = next_token(prompt + ids, self.vocab_size)
                 if len(ids) == 3 and not params.get("ignore_eos") and prompt[0] % 5 == 0:
                     token = EOS  # some prompts end early on end-of-sequence
                 ids.append(token)
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                hit = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
-                if hit >= 0:
-                    text, finish = text[:hit], {"type": "stop", "matched": text[hit:hit + 1]}
+                hit = next((s for s in stop_strings if s in text), None)  # the first listed, as SGLang checks
+                if aborted:
+                    finish = {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
+                elif len(ids) >= params["max_new_tokens"]:
+                    finish = {"type": "length", "length": params["max_new_tokens"]}
+                elif hit is not None:
+                    text, finish = text[:text.find(hit)], {"type": "stop", "matched": hit}
                 elif token in stops:
                     finish = {"type": "stop", "matched": token}
-                elif len(ids) >= params["max_new_tokens"]:
-                    finish = {"type": "length", "length": len(ids)}
                 self.texts[rid] = text
                 if finish:
                     break
@@ -207,9 +230,10 @@ class StandInSGLang:
             if self.fail_after is not None and outputs > self.fail_after:
                 raise RuntimeError("the scheduler's socket is closed")
             visible = self.texts[rid]
-            if not finish:  # held back: an incomplete character, a tail that may begin a stop string
+            if not finish and any(visible.endswith(s[:i]) for s in stop_strings for i in range(1, len(s) + 1)):
+                continue  # the tail may begin a stop string: nothing streamed this step
+            if not finish:  # held back: an incomplete character
                 visible = visible.rstrip("\ufffd")
-                visible = visible[:len(visible) - max((len(s) - 1 for s in stop_strings), default=0)]
             delta_ids, delta_text = ids[sent_ids:], visible[len(sent_text):]
             out = self._out(delta_text, delta_ids, len(prompt), len(ids), finish)
             if logprobs:

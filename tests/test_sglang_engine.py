@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
-from kvbuffer.service.engine.api import InvalidRequestError, SamplingParams
+from kvbuffer.service.engine.api import GenerateChunk, GenerateRequest, InvalidRequestError, SamplingParams
 from kvbuffer.service.server import app
 from kvbuffer.service.server.app import Server
 from kvbuffer.service.server.client import KVBufferClient
@@ -139,8 +139,8 @@ def test_sampling_parameters_reach_sglang_one_to_one(tokenizer: Any) -> None:
             async with server.client() as client:
                 sampling.update({"max_new_tokens": rng.randrange(1, 20), "temperature": rng.uniform(0.1, 2.0),
                             "top_p": rng.uniform(0.1, 1.0), "top_k": rng.randrange(1, 50),
-                            "seed": rng.randrange(2**40), "stop_token_ids": [rng.randrange(3, 300)],
-                            "stop_strings": ["zz", "qq"], "ignore_eos": True})
+                            "seed": rng.randrange(2**63), "stop_token_ids": [rng.randrange(3, 300)],
+                            "stop_strings": ["zz", "qq"]})
                 await client.generate_unary(prompt, **sampling)
                 await client.generate_unary(prompt, max_new_tokens=3)
                 await client.generate_unary("text is tokenized with the model's tokenizer", max_new_tokens=3)
@@ -150,7 +150,7 @@ def test_sampling_parameters_reach_sglang_one_to_one(tokenizer: Any) -> None:
         assert calls[0]["sampling_params"] == {
             "max_new_tokens": sampling["max_new_tokens"], "temperature": pytest.approx(sampling["temperature"]),
             "top_p": pytest.approx(sampling["top_p"]), "top_k": sampling["top_k"], "sampling_seed": sampling["seed"],
-            "stop_token_ids": sampling["stop_token_ids"], "stop": ["zz", "qq"], "ignore_eos": True}
+            "stop_token_ids": sampling["stop_token_ids"], "stop": ["zz", "qq"], "ignore_eos": False}
         assert calls[1]["sampling_params"] == {"max_new_tokens": 3, "temperature": 0.0, "top_p": 1.0, "top_k": -1,
                                                "ignore_eos": False}
         assert calls[0]["input_ids"] == prompt and not calls[0]["return_logprob"]
@@ -163,12 +163,11 @@ def test_sampling_mapping_is_exact_and_never_drops_a_field() -> None:
     rng = random.Random()
     params = SamplingParams(max_new_tokens=rng.randrange(5, 50), temperature=rng.uniform(0.1, 2),
                             top_p=rng.uniform(0.1, 1), top_k=rng.randrange(1, 100), seed=rng.randrange(2**62),
-                            stop_token_ids=(rng.randrange(100),), stop_strings=("end",), ignore_eos=True,
-                            logprobs=True)
+                            stop_token_ids=(rng.randrange(100),), stop_strings=("end",), logprobs=True)
     assert sglang_sampling(params, room=1000, deterministic=True) == {
         "max_new_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
         "top_k": params.top_k, "sampling_seed": params.seed, "stop_token_ids": list(params.stop_token_ids),
-        "stop": ["end"], "ignore_eos": True}
+        "stop": ["end"], "ignore_eos": False}
     assert sglang_sampling(params, room=3, deterministic=True)["max_new_tokens"] == 3  # capped at the context
     assert set(SAMPLING_FIELDS) == {f.name for f in dataclasses.fields(SamplingParams)}
 
@@ -195,22 +194,82 @@ def test_bad_requests_are_refused_before_sglang_sees_them(tokenizer: Any) -> Non
         async def go() -> None:
             async with server.client() as client:
                 cases = [({"prompt": [5] * 64}, "token_ids.ids"),
+                         ({"prompt": [5] * 58}, "token_ids.ids"),  # SGLang's scheduler takes 64 - 6 tokens at most
                          ({"prompt": [5, vocab]}, "token_ids.ids[1]"),
                          ({"prompt": [5], "stop_token_ids": [vocab + 3]}, "sampling.stop_token_ids[0]"),
                          ({"prompt": [5], "top_p": 1.5}, "sampling.top_p"),
                          ({"prompt": [5], "max_new_tokens": 65}, "sampling.max_new_tokens"),
-                         ({"prompt": [5], "temperature": 0.7, "seed": 3}, "sampling.seed")]
+                         ({"prompt": [5], "temperature": 0.7, "seed": 3}, "sampling.seed"),
+                         ({"prompt": [5], "stop_token_ids": [7], "ignore_eos": True}, "sampling.stop_token_ids")]
                 for request, field in cases:
                     prompt = request.pop("prompt")
+                    request.setdefault("max_new_tokens", 8)
                     with pytest.raises(grpc.aio.AioRpcError) as error:
                         await client.generate_unary(prompt, **request)
                     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                     assert error.value.details().startswith(f"{field}:")
-                ok = await client.generate_unary([5] * 60, max_new_tokens=64, ignore_eos=True)
+                ok = await client.generate_unary([5] * 54, max_new_tokens=58, ignore_eos=True)
                 assert ok.finish_reason == pb.FINISH_REASON_LENGTH and len(ok.token_ids) == 4  # the context's end
 
         asyncio.run(go())
         assert len(engine.received) == 1
+    finally:
+        server.stop()
+
+
+def test_the_context_length_is_what_sglang_serves(tokenizer: Any) -> None:
+    """GetModelInfo's max_context_length is what SGLang's scheduler serves: a prompt just short of it runs, and a
+    request asking for the most tokens ends by "length" exactly at it (SGLang neither refuses the prompt nor cuts
+    max_new_tokens short)."""
+    rng = random.Random()
+    server, engine = serve(tokenizer, {"context_len": rng.randrange(40, 200)})
+    try:
+        async def go() -> None:
+            async with server.client() as client:
+                limit = (await client.model_info()).max_context_length
+                for length in (limit - 1, rng.randrange(1, limit - 1)):
+                    prompt = [rng.randrange(len(SPECIAL), len(tokenizer)) for _ in range(length)]
+                    response = await client.generate_unary(prompt, max_new_tokens=limit, ignore_eos=True)
+                    assert response.finish_reason == pb.FINISH_REASON_LENGTH
+                    assert list(response.token_ids) == continuation(prompt, limit - length, engine.vocab_size)
+
+        asyncio.run(go())
+    finally:
+        server.stop()
+
+
+def test_cancelling_one_request_leaves_those_whose_ids_it_begins(tokenizer: Any) -> None:
+    """SGLang's scheduler aborts every request whose rid starts with the aborted rid: request ids that are prefixes of
+    one another (the Engine interface allows any) must not cancel each other."""
+    rng = random.Random()
+    server, engine = serve(tokenizer, {"step_s": 0.01})
+    ids = ["r" + "0" * n for n in range(rng.randrange(2, 5))]
+    cancelled = rng.choice(ids[:-1])
+
+    async def run(request_id: str, prompt: list[int]) -> list[GenerateChunk]:
+        chunks: list[GenerateChunk] = []
+        generator = server.server.engine.generate(GenerateRequest(request_id, prompt_token_ids=tuple(prompt),
+                                                                  sampling=SamplingParams(max_new_tokens=30,
+                                                                                          ignore_eos=True)))
+        async for chunk in generator:
+            chunks.append(chunk)
+            if request_id == cancelled and len(chunks) == 3:
+                await generator.aclose()
+                break
+        return chunks
+
+    batch = prompts(rng, len(ids), len(tokenizer))
+    try:
+        async def go() -> list[list[GenerateChunk]]:
+            return await asyncio.gather(*(run(request_id, prompt) for request_id, prompt in zip(ids, batch,
+                                                                                                strict=True)))
+
+        streams = server.run(go())
+        for request_id, prompt, chunks in zip(ids, batch, streams, strict=True):
+            if request_id != cancelled:
+                assert chunks[-1].finish_reason == "length"
+                assert [t for c in chunks for t in c.token_ids] == continuation(prompt, 30, engine.vocab_size)
+        assert server.wait_until(lambda: not engine.active) and len(engine.aborted) == 1
     finally:
         server.stop()
 
@@ -384,10 +443,10 @@ def test_model_info_and_server_config_come_from_sglang(tokenizer: Any) -> None:
                 config = await client.server_config()
                 assert (info.architecture, info.vocab_size, info.max_context_length, info.num_layers,
                         info.num_linear_attention_layers, info.dtype) == (
-                    "Qwen3NextForCausalLM", len(tokenizer) + 24, 300, 8, 6, "bfloat16")
+                    "Qwen3NextForCausalLM", len(tokenizer) + 24, 300 - 6, 8, 6, "bfloat16")  # SGLang's input limit
                 assert (config.engine, config.max_context_length, config.max_running_requests,
                         config.speculative_algorithm, config.cuda_graph_max_batch, config.max_num_batched_tokens) == (
-                    "sglang", 300, 4, "nextn", 8, 2048)
+                    "sglang", 300 - 6, 4, "nextn", 8, 2048)
 
         asyncio.run(go())
     finally:

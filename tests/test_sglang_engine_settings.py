@@ -13,10 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kvbuffer.service.engine.api import SamplingParams
 from kvbuffer.service.model import tiny
 from kvbuffer.service.server.settings import SettingsError, load_settings
-from kvbuffer.service.sglang.engine import sglang_sampling
 from kvbuffer.service.sglang.settings import SGLangSettingsError, build_server_args, plugin_environment
 from sglang_cpu import gpu_free_server_args
 
@@ -203,19 +201,3 @@ def test_what_sglang_refuses_stops_startup_naming_the_setting(model_dir: Path, s
 
 def test_a_model_sglang_cannot_read_is_named(tmp_path: Path) -> None:
     assert refusal(tmp_path / "missing").startswith("model: SGLang refuses model_path=")
-
-
-def test_mapped_sampling_is_valid_for_sglangs_sampling_params() -> None:
-    with gpu_free_server_args():
-        from sglang.srt.sampling.sampling_params import SamplingParams as SGLangSampling
-
-        rng = random.Random()
-        params = SamplingParams(max_new_tokens=rng.randrange(1, 100), temperature=rng.uniform(0, 2),
-                                top_p=rng.uniform(0.01, 1), top_k=rng.choice([0, rng.randrange(1, 100)]),
-                                seed=rng.randrange(2**62), stop_token_ids=(rng.randrange(50),), stop_strings=("x",),
-                                ignore_eos=rng.random() < 0.5)
-        mapped = SGLangSampling(**sglang_sampling(params, room=1000, deterministic=True))
-        mapped.verify(vocab_size=100)
-        assert (mapped.max_new_tokens, mapped.top_p, mapped.sampling_seed, mapped.stop_strs, mapped.ignore_eos) == (
-            params.max_new_tokens, params.top_p, params.seed, ["x"], params.ignore_eos)
-        assert mapped.top_k == (params.top_k or 1 << 30)  # SGLang's "whole vocabulary"

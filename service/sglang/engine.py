@@ -3,18 +3,24 @@
 SGLang's TokenizerManager runs on the service's event loop, in this process; its schedulers (one per
 tensor-parallel rank) and its detokenizer are SGLang's own spawned processes. A request is checked here first
 (the native engine's checks, with the model directory's tokenizer and SGLang's context length), so SGLang never
-sees a bad one, then runs as `async_generate(input_ids=..., stream=True, rid=...)`. SGLang streams deltas
+sees a bad one, then runs as `async_generate(input_ids=..., stream=True, rid=...)`. Its context length is the
+tighter of the model's (SGLang's TokenizerManager refuses prompt + max_new_tokens beyond it) and the one SGLang's
+scheduler allows (`max_req_input_len`: the model's less 6, or less if the KV pool is smaller; the scheduler refuses
+a longer prompt, and would cut max_new_tokens short without saying so, a few tokens below the model's end).
+The rid SGLang gets is the adapter's own, one fixed-length hex string per request: SGLang's scheduler aborts
+every request whose rid starts with the aborted one's, so no rid may be a prefix of another. SGLang streams deltas
 (incremental_streaming_output, which settings.py turns on): each output carries the new token ids and text
 since the last; the last carries the finish reason. A background task per request pumps SGLang's stream into
 the request's queue, so that an engine failure can end every open stream at once.
 
 Cancel (the caller closing the stream early: client cancel, deadline, drain) aborts the request in SGLang,
 whose scheduler then frees its KV cache and state slots. SGLang's abort comes back as an output of finish type
-"abort" whose text and ids repeat what was streamed already; it ends the stream and adds nothing. SGLang knows a
-request only from the first step of its stream (its TokenizerManager registers the rid there, before it first
-awaits, and sends it to the scheduler), and its abort_request does nothing for a rid it does not know; so a
-cancel that comes before (the pump task not run yet, or still in async_generate) is kept on the request, and
-the pump then ends it "cancelled" without ever starting SGLang's stream.
+"abort" (a running request: after one more decode step, with that step's delta; a queued one: repeating what was
+streamed); it ends the stream as "cancelled" and adds nothing. SGLang knows a request only from the first step of
+its stream (its TokenizerManager registers the rid there, before it first awaits, and sends it to the scheduler),
+and its abort_request does nothing for a rid it does not know; so a cancel that comes before (the pump task not
+run yet, or still in async_generate) is kept on the request, and the pump then ends it "cancelled" without ever
+starting SGLang's stream.
 
 Failure: an SGLang process that dies makes SGLang's watchdog send SIGQUIT to this process; the adapter takes
 that signal (on the main thread's event loop) instead of SGLang's handler, which would kill the process tree.
@@ -37,6 +43,7 @@ import logging
 import os
 import signal
 import threading
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -69,6 +76,9 @@ SAMPLING_FIELDS = {"max_new_tokens": "max_new_tokens", "temperature": "temperatu
                    "top_k": "top_k", "seed": "sampling_seed", "stop_token_ids": "stop_token_ids",
                    "stop_strings": "stop", "ignore_eos": "ignore_eos", "logprobs": None}
 _SGLANG_TOP_K_OFF = -1
+# SGLang keeps seeds in an int64 tensor (one >= 2**63 fails its scheduler) and hashes them as uint64: our uint64
+# seed goes as the int64 of the same 64 bits.
+_UINT64 = 2**64
 
 
 class SGLangRuntime(Protocol):
@@ -103,8 +113,9 @@ class _ModelTokenizer:
 
 @dataclass
 class _Request:
-    rid: str
+    request_id: str
     prompt_tokens: int
+    rid: str = field(default_factory=lambda: uuid.uuid4().hex)  # SGLang's: fixed length, so no one's prefix
     chunks: asyncio.Queue[GenerateChunk | Exception] = field(default_factory=asyncio.Queue)
     task: asyncio.Task[None] | None = None
     completion_tokens: int = 0
@@ -141,23 +152,23 @@ class SGLangEngine:
 
     async def _generate(self, request: GenerateRequest, ids: list[int], sampling: dict[str, Any]
                         ) -> AsyncGenerator[GenerateChunk, None]:
-        rid = request.request_id
+        request_id = request.request_id
         if self._failed:
             raise EngineFailedError("the engine failed (SGLang stopped working) and serves no more requests; "
                                     "retry on another replica")
         if self._stopping or self._runtime is None:
             raise OverloadedError("engine is shut down")
-        if rid in self._requests:
-            raise InvalidRequestError("request_id", f"{rid!r} is already in use")
+        if request_id in self._requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         limit = self._settings.max_running_requests + self._settings.max_waiting_requests
         if len(self._requests) >= limit:
             raise OverloadedError(f"{len(self._requests)} requests in SGLang (max_running_requests + "
                                   "max_waiting_requests)")
-        req = _Request(rid, len(ids))
-        self._requests[rid] = req
+        req = _Request(request_id, len(ids))
+        self._requests[request_id] = req
         self._counters.waiting += 1
         req.task = asyncio.create_task(self._pump(req, ids, sampling, request.sampling.logprobs),
-                                       name=f"sglang-{rid}")
+                                       name=f"sglang-{request_id}")
         done = False
         try:
             while not done:
@@ -244,7 +255,7 @@ class SGLangEngine:
                 signal.signal(signal.SIGQUIT, signal.SIG_IGN)  # the processes being stopped may signal again
             _kill_new_children(before)
             raise EngineFailedError(f"SGLang did not start: {_one_line(exc)}") from exc
-        self._context_length = manager.context_len - getattr(manager, "num_reserved_tokens", 0)
+        self._context_length = min(manager.context_len - manager.num_reserved_tokens, manager.max_req_input_len)
         self._tokenizer = _ModelTokenizer(manager.tokenizer, manager.model_config.vocab_size)
         self._counters.slots_total = runtime.server_args.max_running_requests
         self._runtime = runtime
@@ -276,13 +287,13 @@ class SGLangEngine:
                 req.chunks.put_nowait(chunk)
                 if chunk.finish_reason is not None:
                     return
-            raise RuntimeError(f"SGLang ended request {req.rid} without a finish reason")
+            raise RuntimeError(f"SGLang ended request {req.request_id} without a finish reason")
         except (InvalidRequestError, OverloadedError) as exc:  # refused before anything was streamed
             req.chunks.put_nowait(exc)
         except ValueError as exc:  # SGLang's TokenizerManager refuses a request with ValueError
             req.chunks.put_nowait(InvalidRequestError("request", f"SGLang refuses it: {_one_line(exc)}"))
         except Exception as exc:
-            log.exception("SGLang failed on request %s", req.rid)
+            log.exception("SGLang failed on request %s (rid %s)", req.request_id, req.rid)
             self._fail(f"SGLang raised {type(exc).__name__} on a request: {_one_line(exc)}")
 
     def _chunk(self, req: _Request, out: dict[str, Any], logprobs: bool) -> GenerateChunk:
@@ -314,7 +325,7 @@ class SGLangEngine:
             raise OverloadedError(f"SGLang: {message} (max_waiting_requests)")
         if req.completion_tokens == 0 and finish.get("status_code") == BAD_REQUEST:
             raise InvalidRequestError("request", f"SGLang refuses it: {message}")
-        log.warning("SGLang aborted request %s: %s", req.rid, message)
+        log.warning("SGLang aborted request %s: %s", req.request_id, message)
         return self._last_chunk(req, "error", meta)
 
     def _last_chunk(self, req: _Request, reason: FinishReason, meta: dict[str, Any]) -> GenerateChunk:
@@ -328,7 +339,7 @@ class SGLangEngine:
             self._runtime.tokenizer_manager.abort_request(rid=req.rid)
 
     def _forget(self, req: _Request) -> None:
-        if self._requests.pop(req.rid, None) is not None:
+        if self._requests.pop(req.request_id, None) is not None:
             self._counters.left(req.started)
         self._stop_pump(req)
 
@@ -361,7 +372,8 @@ def sglang_sampling(params: SamplingParams, room: int, deterministic: bool) -> d
     """Our sampling parameters as SGLang's, one to one. room: tokens left in the context after the prompt; the
     native engine ends such a request by "length" at the context's end, SGLang would refuse it, so
     max_new_tokens is capped there. A field without a SGLang equivalent that is not at its default is refused
-    (InvalidRequestError naming it), never dropped."""
+    (InvalidRequestError naming it), never dropped; so are stop_token_ids with ignore_eos, which SGLang ignores
+    (its Req._check_token_based_finish returns before looking at them)."""
     defaults = type(params)()
     for f in dataclasses.fields(params):
         if f.name not in SAMPLING_FIELDS and getattr(params, f.name) != getattr(defaults, f.name):
@@ -369,8 +381,11 @@ def sglang_sampling(params: SamplingParams, room: int, deterministic: bool) -> d
     if params.seed is not None and params.temperature > 0 and not deterministic:
         raise InvalidRequestError("sampling.seed", "engine sglang repeats seeded sampling only with "
                                                    "sglang.enable_deterministic_inference on")
+    if params.ignore_eos and params.stop_token_ids:
+        raise InvalidRequestError("sampling.stop_token_ids", "engine sglang ignores them when ignore_eos is set")
+    seed = None if params.seed is None else params.seed - _UINT64 * (params.seed >= _UINT64 // 2)
     values = {"max_new_tokens": min(params.max_new_tokens, room), "temperature": params.temperature,
-              "top_p": params.top_p, "top_k": params.top_k or _SGLANG_TOP_K_OFF, "seed": params.seed,
+              "top_p": params.top_p, "top_k": params.top_k or _SGLANG_TOP_K_OFF, "seed": seed,
               "stop_token_ids": list(params.stop_token_ids) or None, "stop_strings": list(params.stop_strings) or None,
               "ignore_eos": params.ignore_eos}
     return {SAMPLING_FIELDS[name]: value for name, value in values.items() if value is not None}

@@ -153,14 +153,16 @@ def server_args(**overrides: object):
     return args
 
 
-def new_backend(pool, draft_tokens: int | None = None, **args: object):
-    """SGLang's GDNAttnBackend over `pool` (its __init__ runs the plugin's hook when the plugin is loaded); `args`
-    override server arguments (default: radix cache off)."""
+def new_backend(pool, draft_tokens: int | None = None, ranks: dict[str, int] | None = None, **args: object):
+    """SGLang's GDNAttnBackend over `pool` (its __init__ runs the plugin's hook when the plugin is loaded); `ranks`
+    place it in a parallel group (SGLang's ParallelState fields, default a single rank); `args` override server
+    arguments (default: radix cache off)."""
+    from sglang.srt.distributed.parallel_state_wrapper import ParallelState
     from sglang.srt.layers.attention.linear.gdn_backend import GDNAttnBackend
 
     args = server_args(**{"speculative_eagle_topk": 1 if draft_tokens else None, "disable_radix_cache": True, **args})
     runner = SimpleNamespace(device=DEVICE, server_args=args, is_draft_worker=False, req_to_token_pool=pool,
-                             token_to_kv_pool=None, model_config=None)
+                             token_to_kv_pool=None, model_config=None, ps=ParallelState.trivial(**(ranks or {})))
     return GDNAttnBackend(runner)
 
 

@@ -277,3 +277,42 @@ def test_counters_leave_the_process(tmp_path) -> None:
     got = read_counters(str(tmp_path))
     assert got == {"decoded_tokens": {"buffered": 5.0}, "flushes": 2.0, "drafted_tokens": 6.0,
                    "accepted_tokens": 4.0}, got
+
+
+def _counted(name: str) -> float:
+    from kvbuffer.service.sglang.plugin import counters
+
+    return sum(sample.value for metric in counters._counters()[name].collect() for sample in metric.samples
+               if sample.name.endswith("_total"))
+
+
+def test_a_parallel_group_counts_its_tokens_once() -> None:
+    """Every tensor-parallel rank runs the batch (its share of the heads): only the group's first rank counts, so
+    the service's sum over ranks is the batch's tokens and flushes."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    s = sc.Shapes()
+    layers = sc.new_layers(s, gen)
+    tp = int(torch.randint(2, 5, ()))
+    pools = [sc.new_pool(s, None, per_draft_states=False) for _ in range(tp)]
+    backends = [sc.new_backend(pool, ranks={"tp_rank": rank, "tp_size": tp, "attn_tp_rank": rank,
+                                            "attn_tp_size": tp}) for rank, pool in enumerate(pools)]
+    requests = int(torch.randint(1, 4, ()))
+    allocated = [pool.alloc([SimpleNamespace(req_pool_idx=None, mamba_pool_idx=None,
+                                             mamba_ping_pong_track_buffer=None) for _ in range(requests)])
+                 for pool in pools]  # every rank holds the same requests in the same slots
+    slots = allocated[0]
+    assert all(a == slots for a in allocated)
+    steps = CHUNK + int(torch.randint(1, CHUNK, ()))
+    before = _counted("kvbuffer_sglang_decoded_tokens"), _counted("kvbuffer_sglang_flushes")
+    for step in range(steps):
+        mixed, a, b = (torch.randn(requests, dim, generator=gen).to(sc.DEVICE) for dim in (s.conv_dim, s.HV, s.HV))
+        for backend in backends:
+            fb = sc.batch("decode", slots, [10 + step] * requests)
+            backend.init_forward_metadata(fb)
+            for layer in layers:
+                backend.forward_decode(layer, fb, mixed, a, b)
+    tallies = [backend._kvbuffer.tally for backend in backends if backend._kvbuffer.tally is not None]
+    assert len(tallies) == 1
+    tallies[0].drain(wait=True)
+    after = _counted("kvbuffer_sglang_decoded_tokens"), _counted("kvbuffer_sglang_flushes")
+    assert (after[0] - before[0], after[1] - before[1]) == (requests * steps, requests * (steps // CHUNK))

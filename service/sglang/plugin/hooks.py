@@ -70,7 +70,9 @@ def attach(result: None, backend: Any, model_runner: Any) -> None:
     H = (conv_dim - HV * V) // (2 * K)
     pools = KVBufferPools.allocate(layers, req_pool.req_to_token.shape[0], SETTINGS.buffer_size, H, HV, K, V,
                                    key_dtype=cache.conv[0].dtype, device=temporal.device)
-    rt = Runtime(SETTINGS, pools, dict(req_pool.mamba_map), counters.DeviceTally(pools.counts),
+    ps = model_runner.ps  # the ranks of a tensor-, context- or pipeline-parallel group run the same requests
+    reports = ps.attn_tp_rank == 0 and ps.attn_cp_rank == 0 and ps.pp_rank == 0
+    rt = Runtime(SETTINGS, pools, dict(req_pool.mamba_map), counters.DeviceTally(pools.counts) if reports else None,
                  draft_tokens=SETTINGS.speculative_num_draft_tokens)
     setattr(backend, ATTRIBUTE, rt)
     setattr(backend.kernel_dispatcher, ATTRIBUTE, rt)
@@ -130,6 +132,8 @@ def prepare_out_of_graph(result: None, backend: Any, forward_batch: Any, in_capt
 
 
 def _count(rt: Runtime, forward_batch: Any, rows: int) -> None:
+    if rt.tally is None:
+        return
     mode = forward_batch.forward_mode
     if mode.is_decode():
         counters.count_decoded("buffered", rows)

@@ -18,7 +18,7 @@ class Runtime:
     settings: PluginSettings
     pools: KVBufferPools
     layer_index: dict[int, int]  # SGLang layer id -> index into pools.buffers (SGLang's mamba_map)
-    tally: DeviceTally
+    tally: DeviceTally | None  # None on the ranks that do not report the decode-path counters (one per group)
     plan: StepPlan | None = None  # this forward's plan (plan.py), set by the metadata hooks
     graph_plan: StepPlan | None = None  # CUDA-graph static buffers the captured plans live in
     layer: int = -1  # index into pools.buffers of the GDN layer now running

@@ -21,6 +21,7 @@ import json
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +41,8 @@ WORDS = ["state", "buffer", "chunk", "flush", "decode", "verify", "draft", "toke
          "query", "gate", "delta", "net", "attention", "expert", "router", "model", "request", "stream", "server",
          "replica", "memory", "kernel", "tensor", "batch", "step", "cache", "prefix", "the", "a", "of", "to", "and",
          "in", "is", "that", "for", "on", "with", "as", "by", "at", "from", "it", "this", "be", "are", "was"]
-SGLANG = ["--engine", "sglang", "--sglang-mem-fraction-static", "0.6",
+# debug: SGLang then logs at info (a step quieter than serve), its start-up steps included
+SGLANG = ["--engine", "sglang", "--sglang-mem-fraction-static", "0.6", "--log-level", "debug",
           "--sglang-extra-server-args", json.dumps({"attention_backend": "triton", "sampling_backend": "pytorch",
                                                     "grammar_backend": "none"})]
 RUNS = {  # name -> flags of `kvbuffer serve` (beside the common ones)
@@ -79,24 +81,27 @@ def save_model(path: Path, seed: int, device: str = "cuda") -> None:
 
 
 def run(name: str, model: Path, args: argparse.Namespace) -> tuple[bool, str]:
-    """One engine under load_test.py; (ok, its output)."""
+    """One engine under load_test.py; (ok, its output). The server's log goes to NAME.log as it is written, so
+    that a run killed from outside (a device call's time limit) leaves it too."""
     common = ["--model", str(model), "--max-running-requests", str(max(args.clients)), "--max-waiting-requests",
-              str(max(args.clients)), "--max-context-length", "4096", "--cuda-graph-max-batch", str(max(args.clients))]
+              str(max(args.clients)), "--max-context-length", "4096", "--cuda-graph-max-batch", str(max(args.clients)),
+              "--startup-report-s", str(args.startup_timeout_s * 0.75)]  # stacks before load_test gives up
     test = [sys.executable, str(HERE / "load_test.py"), "--clients", *map(str, args.clients), "--unary-clients",
             str(args.unary_clients), "--duration", str(args.duration), "--prompt-chars", "96", "--max-new-tokens",
             str(args.max_new_tokens), "--cancel-storm", str(args.cancel_storm), "--drain", str(args.drain),
             "--startup-timeout-s", str(args.startup_timeout_s), "--", *common, *RUNS[name]]
     start = time.monotonic()
-    try:
-        done = subprocess.run(test, capture_output=True, text=True, timeout=args.run_timeout_s)
-        ok, out, log = done.returncode == 0, done.stdout, done.stderr
-    except subprocess.TimeoutExpired as timeout:  # load_test's own server is killed with it
-        ok, out = False, _text(timeout.stdout)
-        log = _text(timeout.stderr) + f"\ntimed out after {args.run_timeout_s} s"
+    log_path = (args.out or Path(tempfile.mkdtemp(prefix="bench-service-"))) / f"{name}.log"
+    with log_path.open("w") as log_file:
+        try:
+            done = subprocess.run(test, stdout=subprocess.PIPE, stderr=log_file, text=True,
+                                  timeout=args.run_timeout_s)
+            ok, out = done.returncode == 0, done.stdout
+        except subprocess.TimeoutExpired as timeout:  # load_test's own server is killed with it
+            ok, out = False, _text(timeout.stdout)
+            print(f"timed out after {args.run_timeout_s} s", file=log_file)
     head = f"## {name} ({'ok' if ok else 'FAILED'}, {time.monotonic() - start:.0f} s with start-up)"
-    if args.out:
-        (args.out / f"{name}.log").write_text(log)
-    tail = "" if ok else "\n" + "\n".join(log.splitlines()[-25:])
+    tail = "" if ok else "\n" + "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
     return ok, f"{head}\nflags: {' '.join(RUNS[name])}\n{out}{tail}"
 
 

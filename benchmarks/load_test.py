@@ -206,9 +206,10 @@ async def drain(client: KVBufferClient, server: Server, n: int, args: argparse.N
 
 
 def start_server(serve_flags: list[str], timeout_s: float) -> Server:
-    """`kvbuffer serve` on free loopback ports; returns once it serves (its log then goes on to stderr)."""
+    """`kvbuffer serve` on free loopback ports; returns once it serves (its log then goes on to stderr). It logs
+    at info, which its "serving ... on" line needs (serve_flags may ask for debug)."""
     process = subprocess.Popen([sys.executable, "-m", "kvbuffer.service.cli", "serve", "--host", "127.0.0.1",
-                                "--port", "0", "--metrics-port", "0", *serve_flags, "--log-level", "info"],
+                                "--port", "0", "--metrics-port", "0", "--log-level", "info", *serve_flags],
                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     assert process.stderr is not None
     timer = threading.Timer(timeout_s, process.kill)  # a server that never comes up must not hang the benchmark

@@ -130,10 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     """Serves until drained; then the process ends at once (it does not return)."""
+    from kvbuffer.service import stacks
     from kvbuffer.service.server.app import StartupError, exit_now, serve
 
     settings = load_settings(settings_values(args, ServiceSettings), args.config)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stacks.install()  # `kill -USR1 PID`: every thread's stack to stderr, also while the server is stuck
     try:
         asyncio.run(serve(settings))
     except StartupError as exc:

@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from kvbuffer.service import stacks
 from kvbuffer.service.engine import build_engine
 from kvbuffer.service.engine.api import Engine, EngineFailedError
 from kvbuffer.service.server.admission import Admission
@@ -259,7 +260,8 @@ async def serve(settings: ServiceSettings) -> None:
     handle_signals()
     try:
         server = Server(settings, make_engine(settings))
-        await server.start()
+        with stacks.report_if_slow(settings.startup_report_s, "the server has not started"):
+            await server.start()
     except SettingsError as exc:  # engine sglang: a setting SGLang refuses (it checks the whole combination)
         raise StartupError(str(exc)) from None
     except torch.OutOfMemoryError as exc:  # the model's weights plus the pools do not fit on the device

@@ -156,6 +156,9 @@ class ServiceSettings(BaseSettings):
                                         "in-flight requests end) once this old, so that clients re-resolve the "
                                         "service name and spread over replicas added since; 0: never")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
+    startup_report_s: float = Field(600.0, ge=0, description="a start-up (the engine loading, SGLang "
+                                    "launching) still running after this many seconds logs one line and the "
+                                    "Python stacks of the server and of its SGLang processes, once; 0: never")
     engine: Literal["native", "sglang"] = Field("native", description="native: the embedded engine (CPU or "
                                                 "one GPU, no download); sglang: SGLang in this process, for "
                                                 "real checkpoints on one or more GPUs (settings group sglang)")

@@ -44,7 +44,7 @@ import os
 import signal
 import threading
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -240,7 +240,8 @@ class SGLangEngine:
         if main:
             signal.signal(signal.SIGQUIT, _launch_failed)  # SGLang installs it again (custom_sigquit_handler)
         try:
-            runtime = self._launch()
+            with _service_logging_kept():
+                runtime = self._launch()
             manager = runtime.tokenizer_manager
             manager.auto_create_handle_loop()  # its output loop; in the main thread it also claims SIGTERM, SIGQUIT
             if main:
@@ -428,6 +429,28 @@ def build_sglang_engine(settings: ServiceSettings) -> SGLangEngine:
 
     return SGLangEngine(settings, launch, PluginCounters(os.environ.get(COUNTERS_DIR_ENV)
                                                         or environment[COUNTERS_DIR_ENV]))
+
+
+@contextlib.contextmanager
+def _service_logging_kept() -> Iterator[None]:
+    """Gives the service its log back after SGLang's start. `sglang.Engine` sets up logging for its whole process,
+    which is the service's (`configure_logger`: `basicConfig(force=True)` at SGLang's level, one step quieter than
+    ours, in SGLang's format): without this every INFO line of the service was dropped from then on, the "serving
+    ... on" line that says the server is up among them. The service's handlers and level come back; SGLang's
+    loggers keep the level SGLang set."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        if root.level != level:
+            logging.getLogger("sglang").setLevel(root.level)
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+            handler.close()
+        for handler in [h for h in handlers if h not in root.handlers]:
+            root.addHandler(handler)
+        root.setLevel(level)
 
 
 class SGLangDied(BaseException):

@@ -2,14 +2,17 @@
 
 SGLang loads it in every process (`Engine`, each tensor-parallel scheduler, the detokenizer) through the entry
 point group `sglang.srt.plugins` (name `kvbuffer`; allow-list it with `SGLANG_PLUGINS=kvbuffer`). `register`
-reads the settings (settings.py), checks the SGLang version, registers the hooks (hooks.py), applies them and
-stops the process with one line if any did not take.
+makes the process dump its Python stacks on SIGUSR1 (SGLang uses no SIGUSR1), reads the settings (settings.py),
+checks the SGLang version, registers the hooks (hooks.py), applies them and stops the process with one line if
+any did not take.
 """
 
 from __future__ import annotations
 
 import logging
 import pkgutil
+
+from kvbuffer.service import stacks
 
 from . import checks, hooks
 from .settings import PluginSettings
@@ -21,6 +24,8 @@ def register() -> None:
     """The entry point SGLang's `load_plugins` calls."""
     import sglang
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    stacks.install()  # a stalled SGLang process shows where it is: `kvbuffer serve` sends SIGUSR1 (service/stacks.py)
 
     problem = checks.version_problem(sglang.__version__)
     if problem:

@@ -66,8 +66,9 @@ def _help(field: FieldInfo, env_var: str) -> str:
         facts.append("one of " + ", ".join(str(a) for a in typing.get_args(annotation)))
     facts += [f"{sign} {bound}" for m in field.metadata for attribute, sign in _BOUNDS
               if (bound := getattr(m, attribute, None)) is not None]
-    if not field.is_required() and field.default is not None:
-        facts.append(f"default {field.default}")
+    default = None if field.is_required() else field.get_default(call_default_factory=True)
+    if default not in (None, [], {}):  # an empty list or dict means "none given": the description says what then
+        facts.append(f"default {default}")
     facts.append(f"env {env_var}")
     return f"{field.description or ''} [{'; '.join(facts)}]".replace("%", "%%")
 

@@ -309,13 +309,17 @@ def unpinned_host_memory() -> Iterator[None]:
 
 @contextlib.contextmanager
 def gpu_free_server_args() -> Iterator[None]:
-    """SGLang's ServerArgs resolves as on one H200: its resolution asks the platform whether CUDA is present and how
-    much memory the GPU has, which a CPU cannot answer; everything else (the argument checks, the model config it
-    reads from the model directory) is SGLang's own."""
+    """SGLang's ServerArgs resolves as on one H200, and as the service builds them, before any plugin loads: its
+    resolution asks the platform whether CUDA is present and how much memory the GPU has, which a CPU cannot answer;
+    and SGLang loads plugins once per process, so another test may have left the plugin's start-up check (with that
+    test's plugin settings) hooked on ServerArgs. Everything else (the argument checks, the model config it reads
+    from the model directory) is SGLang's own."""
     require_sglang()
     import sglang.srt.server_args as server_args
 
+    post_init = server_args.ServerArgs.__post_init__
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(server_args, "is_cuda", lambda: True)
         patch.setattr(server_args, "get_device_memory_capacity", lambda device=None: H200_MEMORY_MIB)
+        patch.setattr(server_args.ServerArgs, "__post_init__", getattr(post_init, "__wrapped__", post_init))
         yield

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from kvbuffer.operator.settings import OperatorSettings
 from kvbuffer.service.cli import build_parser, main, settings_values
 from kvbuffer.service.engine.config import EngineConfig
 from kvbuffer.service.server.client import GenerateSettings
 from kvbuffer.service.server.settings import ServiceSettings, SettingsError, load_settings
+from pydantic.fields import FieldInfo
 
 
 def _leaf_settings(model: type, prefix: str = "") -> list[str]:
@@ -23,8 +26,16 @@ def _leaf_settings(model: type, prefix: str = "") -> list[str]:
     return names
 
 
+def _leaf_field(model: type, name: str) -> FieldInfo:
+    *groups, leaf = name.split(".")
+    for group in groups:
+        model = model.model_fields[group].annotation
+    return model.model_fields[leaf]
+
+
 @pytest.mark.parametrize(("command", "model", "env_prefix"), [("serve", ServiceSettings, "KVBUFFER_"),
-                                                              ("generate", GenerateSettings, "KVBUFFER_CLIENT_")])
+                                                              ("generate", GenerateSettings, "KVBUFFER_CLIENT_"),
+                                                              ("operator", OperatorSettings, "KVBUFFER_OPERATOR_")])
 def test_help_documents_every_setting(command: str, model: type, env_prefix: str,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -33,8 +44,16 @@ def test_help_documents_every_setting(command: str, model: type, env_prefix: str
     help_text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
     for name in _leaf_settings(model):
         assert "--" + name.replace(".", "-").replace("_", "-") in help_text
-        assert env_prefix + name.upper().replace(".", "__") in help_text
+        env_var = env_prefix + name.upper().replace(".", "__")
+        assert env_var in help_text
         assert model.model_fields[name.split(".")[0]].description is not None
+        # The setting's bracket of facts ends with its variable; the default it shows is the one the setting takes.
+        facts = re.search(r"\[([^\[\]]*)env " + re.escape(env_var) + r"\]", help_text)
+        assert facts, name
+        shown = re.search(r"(?:^|; )default ([^;]*); ", facts.group(1))
+        field = _leaf_field(model, name)
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        assert (shown.group(1) if shown else None) == (None if default in (None, [], {}) else str(default)), name
 
 
 def test_engine_settings_are_the_engine_config_vocabulary() -> None:

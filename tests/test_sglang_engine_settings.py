@@ -21,17 +21,6 @@ from sglang_cpu import gpu_free_server_args
 SGLANG = {"engine": "sglang", "model": "/models/qwen3-next"}
 
 
-@pytest.fixture(autouse=True)
-def sglang_server_args_as_shipped(monkeypatch: pytest.MonkeyPatch) -> None:
-    """ServerArgs without the plugin's start-up check: the service builds them before SGLang loads any plugin (the
-    plugin's checks have their own tests), while SGLang loads plugins once per process, so another test module may
-    have left the plugin's hook, with that module's plugin settings, on ServerArgs."""
-    module = sys.modules.get("sglang.srt.server_args")  # not imported yet: no plugin has hooked it
-    if module is not None:
-        post_init = module.ServerArgs.__post_init__
-        monkeypatch.setattr(module.ServerArgs, "__post_init__", getattr(post_init, "__wrapped__", post_init))
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Qwen3-Next config.json as transformers writes one (what SGLang's ServerArgs reads of the model), with

@@ -2,11 +2,11 @@
 metrics and trace attributes (docs/METRICS.md), from SGLang's per-request outputs and the KVBuffer plugin.
 
 Engine-wide, the KVBuffer plugin counts decoded tokens by path and flushes in SGLang's scheduler processes
-(kvbuffer.service.sglang.plugin.counters, summed over the ranks through a Prometheus multi-process directory);
-`PluginCounters` reads them. Per request the plugin keeps no counts: a request's tokens count under its decode
-mode's path (kvbuffer: buffered; recurrent: SGLang's own recurrent decode), its flushes as zero. Speculation
-comes from SGLang itself: a finished request's output carries its proposed and accepted drafts. Until the
-plugin's counters have been read once (or without them), the engine-wide path counts are the requests' sums.
+(kvbuffer.service.sglang.plugin.counters, one rank per parallel group, summed through a Prometheus multi-process
+directory); `PluginCounters` reads them. Per request the plugin keeps no counts: a request's tokens count under its
+decode mode's path (kvbuffer: buffered; recurrent: SGLang's own recurrent decode), its flushes as zero. Speculation
+comes from SGLang itself: a finished request's output carries its proposed and accepted drafts. Until the plugin's
+counters have been read once (or without them), the engine-wide path counts are the requests' sums.
 """
 
 from __future__ import annotations

@@ -2,9 +2,11 @@
 
 Each process counts into prometheus_client counters. SGLang runs Prometheus in multi-process mode
 (`PROMETHEUS_MULTIPROC_DIR`, set before its schedulers spawn when metrics are on; the engine adapter may set it
-itself), so the counts of every tensor-parallel rank land in that directory and `read_counters` sums them. Without
-the variable the counts stay in their process. Counts decided on the device (flushes, accepted drafts) are drained
-every DRAIN_EVERY steps with a copy the host does not wait for, so counting never stalls a step.
+itself), so the counts of every scheduler process land in that directory and `read_counters` sums them. Only the
+first rank of each tensor-, context- or pipeline-parallel group counts (hooks.attach): its ranks run the same batch,
+and would count it once each. Without the variable the counts stay in their process. Counts decided on the device
+(flushes, accepted drafts) are drained every DRAIN_EVERY steps with a copy the host does not wait for, so counting
+never stalls a step.
 """
 
 from __future__ import annotations

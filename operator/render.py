@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 from typing import Any
 
 import yaml
 from kvbuffer.operator import resource as r
 from kvbuffer.operator.spec import KVBufferServiceSpec
+from kvbuffer.service.server.settings import ServiceSettings
 
-SHM_SIZE = "8Gi"  # tensor-parallel ranks exchange tensors through /dev/shm (NCCL); 64 MiB, the default, is too small
+# Tensor-parallel ranks exchange tensors through /dev/shm (NCCL); 64 MiB, the default, is too small. The chart's
+# server.shmSize defaults to the same (tests/test_helm_chart.py compares the two pods).
+SHM_SIZE = "16Gi"
+# On SIGTERM the server drains for shutdown_grace_period_s, then its engine (SGLang's processes) needs a moment to
+# stop: the kubelet waits ceil(grace) + this before killing it, as the chart's server template does.
+STOP_SECONDS = 15
+DEFAULT_GRACE_S = ServiceSettings.model_fields["shutdown_grace_period_s"].default
 STARTUP_SECONDS = 1800  # a large model takes minutes to load: the startup probe allows this long before restarts
 USER_ID = 10001  # the images' user (Dockerfile)
 HOME = "/home/kvbuffer"  # its home: Triton's and SGLang's caches
@@ -70,7 +78,7 @@ def _grpc_probe(period: int, failures: int) -> dict[str, Any]:
 def deployment(name: str, namespace: str, uid: str, spec: KVBufferServiceSpec) -> dict[str, Any]:
     labels = r.selector_labels(name)
     settings = spec.server_settings()
-    grace = settings.get("shutdown_grace_period_s", 30.0)
+    grace = settings.get("shutdown_grace_period_s", DEFAULT_GRACE_S)
     volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": r.config_map_name(name)}},
                                      *({"name": volume, "emptyDir": {}} for volume in SCRATCH)]
     mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": r.CONFIG_DIR, "readOnly": True},
@@ -87,7 +95,8 @@ def deployment(name: str, namespace: str, uid: str, spec: KVBufferServiceSpec) -
         "args": ["serve", "--config", f"{r.CONFIG_DIR}/{r.CONFIG_KEY}"],
         "ports": [{"name": "grpc", "containerPort": r.GRPC_PORT, "protocol": "TCP"},
                   {"name": "metrics", "containerPort": r.METRICS_PORT, "protocol": "TCP"}],
-        "env": [{"name": "OTEL_SERVICE_NAME", "value": name}],
+        "env": [{"name": "OTEL_SERVICE_NAME", "value": name},
+                *(var.model_dump(by_alias=True, exclude_defaults=True) for var in spec.env)],
         "resources": _resources(spec),
         "volumeMounts": mounts,
         "startupProbe": _grpc_probe(10, STARTUP_SECONDS // 10),
@@ -101,7 +110,7 @@ def deployment(name: str, namespace: str, uid: str, spec: KVBufferServiceSpec) -
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": _metadata(name, namespace, owner_reference(name, uid)),
         "spec": {
-            "replicas": spec.replicas,
+            "replicas": spec.pod_replicas(),
             "selector": {"matchLabels": labels},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "revisionHistoryLimit": 5,
@@ -112,8 +121,7 @@ def deployment(name: str, namespace: str, uid: str, spec: KVBufferServiceSpec) -
                     "enableServiceLinks": False,  # no variables per Service of the namespace in the environment
                     "containers": [container],
                     "volumes": volumes,
-                    # The server drains for shutdown_grace_period_s; the kubelet must not kill it sooner.
-                    "terminationGracePeriodSeconds": int(grace) + 10,
+                    "terminationGracePeriodSeconds": math.ceil(grace) + STOP_SECONDS,
                     **({"nodeSelector": dict(spec.node_selector)} if spec.node_selector else {}),
                     **({"tolerations": copy.deepcopy(spec.tolerations)} if spec.tolerations else {}),
                 },

@@ -12,7 +12,7 @@ from typing import Any
 
 from kvbuffer.operator.autoscaling.config import AutoscalingSpec
 from kvbuffer.operator.resource import GRPC_PORT, METRICS_PORT
-from kvbuffer.service.server.settings import ServiceSettings
+from kvbuffer.service.server.settings import ENV_PREFIX, ServiceSettings
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
@@ -26,6 +26,9 @@ TENSOR_PARALLEL_SETTING = "tp_size"
 
 # The pod volumes the operator renders itself (kvbuffer.operator.render): spec.volumes may not reuse their names.
 RESERVED_VOLUMES = frozenset({"config", "home", "tmp", "shm"})
+# The environment variable the operator sets itself (the service's name in traces). spec.env may not take it, nor
+# ENV_PREFIX's (the service's settings): settings reach a pod only through spec.settings, where they are checked.
+RESERVED_ENV = frozenset({"OTEL_SERVICE_NAME"})
 Engine = ServiceSettings.model_fields["engine"].annotation  # the engines the service offers
 DEFAULT_IMAGE = f"kvbuffer:{importlib.metadata.version('kvbuffer')}"
 
@@ -44,6 +47,27 @@ class Resources(BaseModel):
     requests: dict[str, int | str] = Field(default_factory=dict, description="what a replica is scheduled with")
 
 
+class EnvVar(BaseModel):
+    """core/v1 EnvVar: a name and a value, or a valueFrom source (a Secret's or ConfigMap's key, a pod field)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="variable name; not "
+                      f"{', '.join(sorted(RESERVED_ENV))} nor {ENV_PREFIX}* (the operator's)")
+    value: str = Field("", description="its value")
+    value_from: dict[str, Any] = Field(default_factory=dict, description="its source instead of a value "
+                                       "(core/v1 EnvVarSource: secretKeyRef, configMapKeyRef, fieldRef, ...)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvVar:
+        if self.value and self.value_from:
+            raise ValueError(f"env {self.name}: value and valueFrom exclude each other")
+        return self
+
+    def reserved(self) -> bool:
+        return self.name in RESERVED_ENV or self.name.startswith(ENV_PREFIX)
+
+
 class KVBufferServiceSpec(BaseModel):
     """A fleet of `kvbuffer serve` replicas of one model, tuned by the service's own settings."""
 
@@ -56,7 +80,8 @@ class KVBufferServiceSpec(BaseModel):
     image: str = Field(DEFAULT_IMAGE, min_length=1, description="container image of kvbuffer")
     engine: Engine = Field("native", description="engine implementation of the replicas")
     replicas: int = Field(1, ge=0, le=1000, description="replicas wanted when autoscaling is off; with it on, "
-                          "the operator writes its decisions here (scale subresource)")
+                          "the operator writes its decisions here (scale subresource), and the pods are kept "
+                          "within [minReplicas, maxReplicas]")
     gpus_per_replica: int = Field(0, ge=0, le=64, description="GPUs (nvidia.com/gpu) each replica gets; 0 runs "
                                   "on CPU; a multiple of tensorParallelSize")
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs one model copy is split across")
@@ -71,6 +96,8 @@ class KVBufferServiceSpec(BaseModel):
                                           f"{', '.join(sorted(RESERVED_VOLUMES))} (the operator's)")
     volume_mounts: list[dict[str, Any]] = Field(default_factory=list, description="mounts of `volumes` into the "
                                                 "server container (core/v1 VolumeMount), e.g. the model directory")
+    env: list[EnvVar] = Field(default_factory=list, description="environment variables of the server "
+                              "container (core/v1 EnvVar), e.g. OTEL_EXPORTER_OTLP_ENDPOINT to export traces")
     settings: dict[str, Any] = Field(default_factory=dict, description="service settings by their own names "
                                      "(buffer_size, chunk_size, decode_mode, ...: `kvbuffer serve --help`); "
                                      "unset ones keep the service's defaults")
@@ -91,7 +118,19 @@ class KVBufferServiceSpec(BaseModel):
         unknown = sorted({str(mount.get("name")) for mount in self.volume_mounts} - set(names))
         if unknown:
             raise ValueError(f"volumeMounts: {', '.join(unknown)} names no volume of spec.volumes")
+        taken = sorted(var.name for var in self.env if var.reserved())
+        if taken:
+            raise ValueError(f"env: {', '.join(taken)} is set by the operator (OTEL_SERVICE_NAME is the service's "
+                             f"name; {ENV_PREFIX}* settings go in spec.settings)")
         return self
+
+    def pod_replicas(self) -> int:
+        """The Deployment's replicas. With autoscaling on, spec.replicas within [minReplicas, maxReplicas]: a
+        service made without replicas (the chart leaves them to the autoscaler) starts at minReplicas, not at the
+        CRD's default of 1 until the autoscaler's first decision."""
+        if not self.autoscaling.enabled:
+            return self.replicas
+        return min(max(self.replicas, self.autoscaling.min_replicas), self.autoscaling.max_replicas)
 
     def server_settings(self) -> dict[str, Any]:
         """What `kvbuffer serve` reads from its config file: the CR's settings plus those the operator fixes."""

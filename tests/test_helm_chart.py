@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,7 @@ BAD_VALUES = [
     (["image.pullPolicy=Sometimes"], "pullPolicy"),
     (["monitoring.prometheusRule.refusedRatio=2"], "refusedRatio"),
     (["otel.JAEGER_ENDPOINT=http://x"], "JAEGER_ENDPOINT"),
+    (["otel.OTEL_SERVICE_NAME=traces"], "OTEL_SERVICE_NAME"),  # each service's own name, set by chart and operator
     (["operator.watchNamespaces[0]=Bad_Namespace"], "watchNamespaces"),
 ]
 
@@ -149,24 +151,39 @@ def _gpu_service(rng: random.Random) -> dict[str, Any]:
     """A KVBufferService spec as a platform team writes one for a GPU pool (80B model, tensor parallel, FP8)."""
     tp = rng.choice([1, 2, 4])
     buffer_size = rng.choice([64, 128])
+    grace = rng.choice([{}, {"shutdown_grace_period_s": rng.randint(10, 120)},
+                        {"shutdown_grace_period_s": round(rng.uniform(1, 120), 1)}])
     return {"model": "/models/Qwen3-Next-80B-A3B-Instruct-FP8", "engine": "sglang", "replicas": rng.randint(1, 4),
             "gpusPerReplica": tp * rng.randint(1, 2), "tensorParallelSize": tp,
             "resources": {"requests": {"cpu": str(8 * tp), "memory": f"{64 * tp}Gi"}},
             "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H200"},
             "settings": {"buffer_size": buffer_size, "chunk_size": rng.randint(1, buffer_size // 2),
-                         "decode_mode": "kvbuffer", "shutdown_grace_period_s": rng.randint(10, 120),
-                         "sglang": {"quantization": "fp8"}}}
+                         "decode_mode": "kvbuffer", **grace, "sglang": {"quantization": "fp8"}}}
+
+
+def _otel(rng: random.Random) -> dict[str, str]:
+    """`otel` values as a platform team sets them: where traces go, how, and attributes of every span."""
+    optional = {"OTEL_EXPORTER_OTLP_PROTOCOL": rng.choice(["grpc", "http/protobuf"]),
+                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": str(rng.random())}
+    return {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://otel-{uuid.uuid4().hex[:6]}.observability:4317",
+            "OTEL_RESOURCE_ATTRIBUTES": f"deployment.environment={uuid.uuid4().hex[:6]},service.namespace=inference",
+            **dict(rng.sample(sorted(optional.items()), rng.randint(0, len(optional))))}
 
 
 def test_operator_pods_run_as_the_charts_server_pods(tmp_path: Path) -> None:
-    """The same service, made by the operator (a KVBufferService) or by the chart (`server`), runs alike: the same
-    settings, and the chart's hardening (restricted pod security, read-only root with writable scratch), so a
-    namespace that enforces the restricted Pod Security Standard admits the operator's pods too."""
-    spec = _gpu_service(random.Random())
-    objects = render(None, "server.enabled=true", "operator.enabled=false",
-                     set_json={"services": [], **{f"server.{key}": value for key, value in spec.items()}})
+    """The same service, made by the operator (a KVBufferService of this chart) or by the chart (`server`), runs
+    alike: the same settings, the same environment (the `otel` variables, each service named after itself), /dev/shm
+    and time to drain on SIGTERM, and the chart's hardening (restricted pod security, read-only root with writable
+    scratch), so a namespace that enforces the restricted Pod Security Standard admits the operator's pods too."""
+    rng = random.Random()
+    spec = _gpu_service(rng)
+    objects = render(None, "server.enabled=true", set_json={
+        "services": [{"name": "kvbuffer", **spec}], "otel": _otel(rng),
+        **{f"server.{key}": value for key, value in spec.items()}})
     chart_pod = _server(objects)["spec"]["template"]["spec"]
-    operator_pod = render_deployment("kvbuffer", "inference", "uid", parse_spec(spec))["spec"]["template"]["spec"]
+    (service,) = of_kind(objects, "KVBufferService")
+    operator_pod = render_deployment(service["metadata"]["name"], "inference", "uid", parse_spec(service["spec"]))[
+        "spec"]["template"]["spec"]
     files = {}
     for source, text in (("chart", yaml.safe_dump(_settings_file(objects))),
                          ("operator", config_text(parse_spec(spec)))):
@@ -177,6 +194,12 @@ def test_operator_pods_run_as_the_charts_server_pods(tmp_path: Path) -> None:
     assert operator_pod.get("enableServiceLinks") == chart_pod["enableServiceLinks"]
     (chart_container,), (operator_container,) = chart_pod["containers"], operator_pod["containers"]
     assert operator_container["securityContext"] == chart_container["securityContext"]
+    assert {e["name"]: e for e in operator_container["env"]} == {e["name"]: e for e in chart_container["env"]}
+    assert operator_container["image"] == chart_container["image"]
+    assert operator_pod["terminationGracePeriodSeconds"] == chart_pod["terminationGracePeriodSeconds"]
+    (operator_shm,), (chart_shm,) = ([v for v in pod["volumes"] if v["name"] == "shm"]
+                                     for pod in (operator_pod, chart_pod))
+    assert operator_shm == chart_shm
 
     def scratch(pod: dict[str, Any], container: dict[str, Any]) -> set[str]:
         """Where the container may write: the mount paths of its emptyDir volumes."""
@@ -288,6 +311,38 @@ def test_kvbufferservices_are_the_values_entries() -> None:
         assert resource["apiVersion"] == "serving.kvbuffer.io/v1alpha1"
         image = "kvbuffer:0.1.0" if entry["gpusPerReplica"] else "kvbuffer:0.1.0-cpu"
         assert resource["spec"] == {**{k: v for k, v in entry.items() if k != "name"}, "image": image}
+
+
+def test_autoscaled_services_leave_replicas_to_the_operator() -> None:
+    """Helm applies what it renders: a spec.replicas in an autoscaled KVBufferService would fight the count the
+    operator's autoscaler chose at a `helm upgrade` (reset it, or conflict with it under server-side apply). Without
+    autoscaling, the entry's replicas are the spec's."""
+    entries = [{"name": f"svc-{i}", "model": f"/models/m{i}", "replicas": random.randint(0, 8),
+                **({"autoscaling": {"enabled": enabled, "minReplicas": 1, "maxReplicas": random.randint(1, 8)}}
+                   if enabled is not None else {})}
+               for i, enabled in enumerate([True, False, None, True])]
+    resources = {o["metadata"]["name"]: o["spec"] for o in of_kind(render(None, set_json={"services": entries}),
+                                                                    "KVBufferService")}
+    for entry in entries:
+        autoscaled = entry.get("autoscaling", {}).get("enabled", False)
+        assert resources[entry["name"]].get("replicas") == (None if autoscaled else entry["replicas"]), entry
+
+
+def test_kvbufferservices_get_the_otel_variables_and_keep_their_own_env() -> None:
+    """The chart's `otel` variables reach the KVBufferServices, as its server's pods get them; an entry's own
+    variable of the same name wins, and its other variables stay after them."""
+    rng = random.Random()
+    otel = _otel(rng)
+    overridden = rng.choice(sorted(otel))
+    own = [{"name": overridden, "value": uuid.uuid4().hex},
+           {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}]
+    entries = [{"name": "plain", "model": "/models/m"}, {"name": "own", "model": "/models/m", "env": own}]
+    resources = {o["metadata"]["name"]: o["spec"] for o in of_kind(
+        render(None, set_json={"services": entries, "otel": otel}), "KVBufferService")}
+    assert {e["name"]: e["value"] for e in resources["plain"]["env"]} == otel
+    inherited = [{"name": key, "value": value} for key, value in sorted(otel.items()) if key != overridden]
+    assert resources["own"]["env"] == inherited + own
+    assert "env" not in of_kind(render(None), "KVBufferService")[0]["spec"]  # no otel, no env: none rendered
 
 
 def _rbac_file() -> dict[str, Any]:

@@ -97,6 +97,39 @@ async def test_create_renders_owned_objects_status_and_events(cluster: Cluster) 
         assert sample == 2
 
 
+def deployment_replicas_written(cluster: Cluster, name: str) -> list[int]:
+    """spec.replicas of each create and patch of the Deployment `name` that set it, in the order the API got them."""
+    writes = [request.data for request in cluster.emulator
+              if request.resource is not None and request.resource.plural == "deployments"
+              and request.method.value in ("POST", "PATCH") and not request.subresource
+              and (request.name or request.data["metadata"]["name"]) == name]
+    return [data["spec"]["replicas"] for data in writes if "replicas" in data.get("spec", {})]
+
+
+async def test_an_autoscaled_service_made_without_replicas_runs_min_replicas_from_its_first_pods(
+        cluster: Cluster) -> None:
+    """The chart leaves spec.replicas of an autoscaled service out (the autoscaler owns it): its Deployment starts
+    at minReplicas on its own, not at the default of 1 until the autoscaler's first decision lands (here that
+    decision cannot land: every scale request fails, as under an API outage or missing RBAC)."""
+    name, uid = fresh()
+    low = random.randint(2, 5)
+    high = low + random.randint(0, 3)
+    cluster.emulator.fail("PATCH", f"/{name}/scale", times=1000)
+    async with running_operator():
+        await cluster.create(name, {"model": "m", "autoscaling": {"enabled": True, "minReplicas": low,
+                                                                 "maxReplicas": high}}, uid)
+        await wait_for(lambda: cluster.emulator.failures[0][2] < 1000, "the autoscaler's (failed) scale request")
+        # A label edit: a watch event for kopf, which handles the new object at its next one (the failed scale
+        # request wrote nothing to give it one).
+        await cluster.patch(f"/apis/{r.API_VERSION}/namespaces/default/{r.PLURAL}/{name}",
+                            {"metadata": {"labels": {"team": uuid.uuid4().hex[:8]}}})
+        await wait_for(lambda: cluster.service(name)["status"]["observedGeneration"] == 1
+                       and condition(cluster.service(name), "Degraded")["status"] == "False", "the spec applied")
+    assert "replicas" not in cluster.service(name)["spec"]  # nothing wrote it
+    written = deployment_replicas_written(cluster, name)
+    assert written == [low], written
+
+
 async def test_a_gpu_service_with_integer_quantities_gets_its_deployment(cluster: Cluster) -> None:
     name, uid = fresh()
     gpus, cpus = random.randint(1, 8), random.randint(2, 64)

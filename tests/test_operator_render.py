@@ -17,7 +17,7 @@ from kvbuffer.operator import resource as r
 from kvbuffer.operator.cluster import contains, patch_from
 from kvbuffer.operator.render import config_hash, deployment, desired_objects
 from kvbuffer.operator.spec import RESERVED_VOLUMES, KVBufferServiceSpec, SpecError, parse_spec
-from kvbuffer.service.server.settings import load_settings
+from kvbuffer.service.server.settings import ENV_PREFIX, ServiceSettings, load_settings
 from operator_emulator import merge_patch
 
 KUBERNETES_VERSION = "1.32.0"  # the schemas the objects must fit (kubectl and the API server of that release)
@@ -103,6 +103,57 @@ def test_spec_volumes_may_not_take_the_operators_volume_names() -> None:
     with pytest.raises(SpecError, match="volumeMounts: weights names no volume"):
         parse_spec({"model": "m", "volumes": [{"name": "models", "emptyDir": {}}],
                     "volumeMounts": [{"name": "weights", "mountPath": "/models"}]})
+
+
+def random_env(rng: random.Random) -> list[dict[str, Any]]:
+    """EnvVars as users write them: OTLP export settings by value, a header from a Secret, a pod field."""
+    sources = [{"secretKeyRef": {"name": f"otel-{uuid.uuid4().hex[:6]}", "key": "headers"}},
+               {"fieldRef": {"fieldPath": "spec.nodeName"}}]
+    env = [{"name": f"OTEL_{uuid.uuid4().hex[:6].upper()}", "value": uuid.uuid4().hex}
+           for _ in range(rng.randint(0, 3))]
+    env += [{"name": f"EXTRA_{index}", "valueFrom": source} for index, source in enumerate(rng.sample(sources, 2))]
+    rng.shuffle(env)
+    return env
+
+
+def test_spec_env_reaches_the_server_container_after_the_operators() -> None:
+    env = random_env(random.Random())
+    obj = deployment("svc", "ns", "uid", parse_spec({"model": "m", "env": env}))
+    kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    (container,) = obj["spec"]["template"]["spec"]["containers"]
+    assert container["env"] == [{"name": "OTEL_SERVICE_NAME", "value": "svc"}, *env]
+
+
+def test_spec_env_may_not_take_the_operators_names() -> None:
+    """OTEL_SERVICE_NAME is the operator's (each service's name in traces), and a KVBUFFER_* variable would set a
+    service setting past the check of spec.settings: the operator refuses either, naming the field."""
+    setting = random.choice([name for name in ServiceSettings.model_fields if name != "model"])
+    taken = random.choice(["OTEL_SERVICE_NAME", f"{ENV_PREFIX}{setting.upper()}"])
+    env = [*random_env(random.Random()), {"name": taken, "value": "1"}]
+    with pytest.raises(SpecError, match=f"env: {taken} is set by the operator"):
+        parse_spec({"model": "m", "env": env})
+    with pytest.raises(SpecError, match="value and valueFrom exclude each other"):
+        parse_spec({"model": "m", "env": [{"name": "X", "value": "1", "valueFrom": {"fieldRef": {}}}]})
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_autoscaled_pods_stay_within_the_bounds_from_the_first_deployment(seed: int) -> None:
+    """Without spec.replicas (the chart leaves it to the autoscaler: the CRD's default 1), or with one out of bounds
+    (a `kubectl scale`), an autoscaled service's Deployment runs within [minReplicas, maxReplicas] at once; without
+    autoscaling, spec.replicas holds."""
+    rng = random.Random()
+    low = rng.randint(2, 6)
+    high = low + rng.randint(0, 6)
+    default = KVBufferServiceSpec.model_fields["replicas"].default
+    cases = [({}, low), ({"replicas": rng.randint(0, low - 1)}, low), ({"replicas": rng.randint(low, high)}, None),
+             ({"replicas": rng.randint(high + 1, 1000)}, high)]
+    for replicas, bounded in cases:
+        given = replicas.get("replicas", default)
+        for enabled in (True, False):
+            spec = parse_spec({"model": "m", **replicas,
+                               "autoscaling": {"enabled": enabled, "minReplicas": low, "maxReplicas": high}})
+            expected = (bounded or given) if enabled else given
+            assert deployment("svc", "ns", "uid", spec)["spec"]["replicas"] == expected, (replicas, enabled)
 
 
 def as_served(obj: dict[str, Any]) -> dict[str, Any]:

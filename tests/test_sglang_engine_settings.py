@@ -165,13 +165,25 @@ def test_decode_mode_kvbuffer_keeps_sglang_radix_cache_unless_speculating(model_
                        ).disable_radix_cache
 
 
-def test_nextn_speculation_is_a_chain_of_the_draft_tokens(model_dir: Path) -> None:
+def test_speculation_is_a_chain_of_the_draft_tokens_that_the_plugin_serves(model_dir: Path) -> None:
+    from kvbuffer.service.sglang.plugin.checks import server_args_problem
+    from kvbuffer.service.sglang.plugin.settings import PluginSettings
+
     drafts = random.randrange(1, 8)
+    plugin = PluginSettings.from_env(plugin_environment(load_settings({
+        **SGLANG, "speculative_algorithm": "ngram", "speculative_num_draft_tokens": drafts, "buffer_size": 64}), {}))
     args = resolve(model_dir, speculative_algorithm="nextn", speculative_num_draft_tokens=drafts, buffer_size=64)
     assert (args.speculative_algorithm, args.speculative_num_steps, args.speculative_eagle_topk,
             args.speculative_num_draft_tokens) == ("EAGLE", drafts, 1, drafts + 1)  # SGLang: NEXTN is EAGLE + MTP
+    assert server_args_problem(args, plugin) is None
     ngram = resolve(model_dir, speculative_algorithm="ngram", speculative_num_draft_tokens=drafts, buffer_size=64)
-    assert (ngram.speculative_algorithm, ngram.speculative_num_draft_tokens) == ("NGRAM", drafts + 1)
+    assert (ngram.speculative_algorithm, ngram.speculative_num_draft_tokens, ngram.speculative_eagle_topk,
+            ngram.speculative_ngram_min_bfs_breadth, ngram.speculative_ngram_max_bfs_breadth) == (
+        "NGRAM", drafts + 1, 1, 1, 1)
+    assert server_args_problem(ngram, plugin) is None
+    tree = resolve(model_dir, speculative_algorithm="ngram", speculative_num_draft_tokens=drafts, buffer_size=64,
+                   decode_mode="recurrent", sglang={"extra_server_args": {"speculative_ngram_max_bfs_breadth": "4"}})
+    assert tree.speculative_ngram_max_bfs_breadth == 4  # SGLang's own decode verifies trees: a user may ask for one
 
 
 @pytest.mark.parametrize(("settings", "message"), [

@@ -14,7 +14,8 @@ Mapping, kvbuffer setting -> SGLang argument:
 - speculative_algorithm -> speculative_algorithm (upper case); speculative_num_draft_tokens (drafts proposed
   per step) -> speculative_num_draft_tokens + 1 (SGLang counts the verified token too); for nextn and eagle
   also a chain of that many draft steps (speculative_num_steps, speculative_eagle_topk 1) unless the sglang
-  group sets those
+  group sets those; for ngram a chain too (speculative_ngram_min/max_bfs_breadth 1) unless extra_server_args
+  sets them
 - sglang.<name> -> <name> (cuda_graph_bs -> cuda_graph_bs_decode); sglang.extra_server_args.<name> -> <name>,
   the text parsed by SGLang's command-line parser as `sglang serve --<name> <text>` would
 - decode_mode, buffer_size, chunk_size, speculative_num_draft_tokens: the KVBuffer plugin's, carried to
@@ -161,6 +162,9 @@ def server_arguments(settings: ServiceSettings) -> list[ServerArg]:
             args.append(ServerArg("speculative_num_draft_tokens", "speculative_num_steps", drafts))
         if group.speculative_eagle_topk is None:
             args.append(ServerArg("speculative_algorithm", "speculative_eagle_topk", 1))
+    if settings.speculative_algorithm == "ngram":  # a chain as well (SGLang's default breadth 10 makes trees)
+        args += [ServerArg("speculative_algorithm", f"speculative_ngram_{bound}_bfs_breadth", 1)
+                 for bound in ("min", "max")]
     for name in type(group).model_fields:
         value = getattr(group, name)
         if name != "extra_server_args" and value is not None and value is not False:

@@ -23,15 +23,7 @@ CHUNK, BUFFER, DRAFTS = sc.CHUNK, sc.BUFFER, sc.DRAFTS
 TOL = 2e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def plugin(monkeypatch_module: pytest.MonkeyPatch) -> None:
-    sc.load_plugin(monkeypatch_module)
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
+pytestmark = pytest.mark.usefixtures("sglang_plugin")
 
 
 def test_plugin_loads_through_the_entry_point() -> None:

@@ -34,15 +34,7 @@ RADIX = {"disable_radix_cache": False, "mamba_radix_cache_strategy": "extra_buff
          "_mamba_cache_chunk_size": 64, "page_size": 1}  # 64: FLA's chunk, what SGLang resolves it to
 
 
-@pytest.fixture(scope="module", autouse=True)
-def plugin(monkeypatch_module: pytest.MonkeyPatch) -> None:
-    sc.load_plugin(monkeypatch_module)
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
+pytestmark = pytest.mark.usefixtures("sglang_plugin")
 
 
 class Scheduler:

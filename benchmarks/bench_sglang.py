@@ -96,7 +96,8 @@ def plugin_shim() -> str:
 
 
 def smoke(shim: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([shim, str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    path = [shim, str(REPO / "tests"), os.environ.get("PYTHONPATH")]  # no empty entry: it would mean the cwd
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
     t0 = time.time()
     try:
         run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",

@@ -213,12 +213,13 @@ def test_a_stalled_start_logs_one_line_and_the_stacks_of_serve_and_of_the_sglang
     plugin. A child that does not catch SIGUSR1 (which would end it) is left alone."""
     sglang_or_skip()
     logging.getLogger().setLevel(logging.INFO)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    # no empty entry: it would put the working directory (the repo root, whose operator/ is not the stdlib's) first
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
     stalled = subprocess.Popen([sys.executable, "-c", STALLED_SGLANG_PROCESS], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        assert stalled.stdout is not None and stalled.stdout.readline() == "registered\n"
+        assert stalled.stdout is not None and stalled.stdout.readline() == "registered\n", stalled.communicate()[1]
         limit_s = random.uniform(0.5, 1.5)
         runtime = StandInSGLang(make_tokenizer(tmp_path))
 

@@ -323,3 +323,57 @@ def gpu_free_server_args() -> Iterator[None]:
         patch.setattr(server_args, "get_device_memory_capacity", lambda device=None: H200_MEMORY_MIB)
         patch.setattr(server_args.ServerArgs, "__post_init__", getattr(post_init, "__wrapped__", post_init))
         yield
+
+
+class GraphRunner:
+    """Stand-in for SGLang's DecodeCudaGraphRunner (CUDA graphs cannot be captured on a CPU), driving SGLang's real
+    backend graph methods in its order: `init_cuda_graph_state`, then per batch size, largest first, the capture-time
+    metadata (`init_forward_metadata_out_graph(in_capture=True)`) and the recorded work
+    (`init_forward_metadata_in_graph` and the layers, run once as its warm-up does, on the static request-slot buffer
+    SGLang leaves zero). A replay fills the static buffer (padded rows 0), runs the replay metadata
+    (`init_forward_metadata_out_graph`) and re-runs the recorded work with the plugin's Python state left as it was
+    before: a graph replays device work, no Python."""
+
+    def __init__(self, backend, layers: list, mode: str, sizes: list[int], draft_tokens: int = 1) -> None:
+        self.backend, self.layers, self.mode, self.draft_tokens = backend, layers, mode, draft_tokens
+        max_bs = max(sizes)
+        backend.init_cuda_graph_state(max_bs, max_bs * draft_tokens)
+        self.req_slots = torch.zeros(max_bs, dtype=torch.int64, device=DEVICE)
+        for bs in sorted(sizes, reverse=True):
+            fb = self._view(bs, bs)
+            backend.init_forward_metadata_out_graph(fb, in_capture=True)
+            self._recorded(fb, *self._inputs(bs, torch.Generator().manual_seed(bs)))
+        self.sizes = sorted(sizes)
+
+    def _view(self, bs: int, raw_bs: int) -> SimpleNamespace:
+        fb = batch(self.mode, [0] * bs, [1] * bs, draft_tokens=self.draft_tokens)
+        fb.req_pool_indices, fb.num_padding = self.req_slots[:bs], bs - raw_bs
+        return fb
+
+    def _inputs(self, bs: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        tokens = bs * self.draft_tokens
+        conv_dim = self.layers[0].conv_weights.shape[0]
+        heads = self.layers[0].num_v_heads
+        return tuple(torch.randn(tokens, dim, generator=gen).to(DEVICE) for dim in (conv_dim, heads, heads))
+
+    def _recorded(self, fb: SimpleNamespace, mixed: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> list:
+        self.backend.init_forward_metadata_in_graph(fb)
+        forward = self.backend.forward_decode if self.mode == "decode" else self.backend.forward_extend
+        return [forward(layer, fb, mixed, a, b) for layer in self.layers]
+
+    def replay(self, req_slots: list[int], mixed: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> list:
+        """Outputs of the real rows (`mixed`, a, b hold their tokens; padded rows get zeros)."""
+        raw = len(req_slots)
+        bs = next(size for size in self.sizes if size >= raw)
+        self.req_slots[:raw] = torch.tensor(req_slots, device=DEVICE)
+        self.req_slots[raw:bs] = 0
+        fb = self._view(bs, raw)
+        self.backend.init_forward_metadata_out_graph(fb)
+        pad = (bs - raw) * self.draft_tokens
+        inputs = [torch.cat([x, x.new_zeros(pad, x.shape[1])]) for x in (mixed, a, b)]
+        rt = getattr(self.backend, "_kvbuffer", None)
+        python_state = dict(vars(rt)) if rt is not None else {}
+        outs = self._recorded(fb, *inputs)
+        if rt is not None:
+            vars(rt).update(python_state)
+        return [out[:, : raw * self.draft_tokens] if out.dim() == 4 else out[: raw * self.draft_tokens] for out in outs]

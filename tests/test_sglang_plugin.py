@@ -87,6 +87,17 @@ class Pair:
             backend.init_forward_metadata(sc.batch("extend", [self.slots[r] for r in rows], [3] * len(rows),
                                                    [3] * len(rows)))
 
+    def refill(self, row: int) -> None:
+        """`row` prefilled again: the states SGLang's prefill kernels would write (random here) in both pools."""
+        cache = self.pools[0].mamba_pool.mamba_cache
+        slot = int(self.pools[0].req_index_to_mamba_index_mapping[self.slots[row]])
+        state = torch.randn(cache.temporal[:, slot].shape, generator=self.gen).to(sc.DEVICE) * 0.1
+        conv = torch.randn(cache.conv[0][:, slot].shape, generator=self.gen).to(sc.DEVICE)
+        for pool in self.pools:
+            pool.mamba_pool.mamba_cache.temporal[:, slot] = state
+            pool.mamba_pool.mamba_cache.conv[0][:, slot] = conv
+        self.prefill([row])
+
     def folded_states(self) -> torch.Tensor:
         """The plugin's states with every request's buffer folded in (what SGLang's recurrent states hold)."""
         from kvbuffer.kernels.ops import fold
@@ -170,6 +181,41 @@ def test_verify_then_commit_matches_sglang_with_drafts_accepted_and_rejected() -
     theirs = pair.pools[0].mamba_pool.mamba_cache
     assert ((pair.folded_states() - theirs.temporal).abs().max() / theirs.temporal.abs().max()) < TOL
     assert torch.equal(pool.mamba_pool.mamba_cache.conv[0], theirs.conv[0])
+
+
+def test_verify_replayed_from_a_cuda_graph_commits_its_own_rows() -> None:
+    """Verify steps replayed from CUDA graphs (SGLang's replay order: graphs captured largest batch first, eager
+    prefills between replays, batches padded to the next captured size), each followed by SGLang's commit call: the
+    commit keeps what this replay appended, for its rows, as SGLang's recurrent verify and commit do eagerly."""
+    from sglang.srt.layers.attention.hybrid_linear_attn_backend import HybridLinearAttnBackend
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    pair = Pair(gen, requests=3, drafts=DRAFTS)
+    full = SimpleNamespace(token_to_kv_pool=None, req_to_token_pool=pair.pools[1], needs_cpu_seq_lens=False)
+    hybrid = HybridLinearAttnBackend(full, pair.backends[1], full_attn_layers=[])
+    graphs = sc.GraphRunner(pair.backends[1], pair.layers, "verify", sizes=[1, 2, 4], draft_tokens=DRAFTS)
+    sglang = pair.backends[0]
+    seq = [7, 7, 7]
+    for round_ in range(4):
+        rows = [0, 1, 2] if round_ % 2 == 0 else [2, 0]
+        if round_ == 2:  # request 1 is prefilled again (eagerly): new checkpoint, empty buffer
+            pair.refill(1)
+            seq[1] = 3
+        mixed, a, b = pair.inputs(len(rows) * DRAFTS)
+        fb = sc.batch("verify", [pair.slots[r] for r in rows], [seq[r] for r in rows], draft_tokens=DRAFTS)
+        sglang.init_forward_metadata(fb)
+        theirs = [sglang.forward_extend(layer, fb, mixed, a, b) for layer in pair.layers]
+        ours = graphs.replay([pair.slots[r] for r in rows], mixed, a, b)
+        assert_close([theirs, ours], f"verify round {round_}")
+        accepted = torch.randint(1, DRAFTS + 1, (len(rows),), generator=gen)
+        steps = (accepted - 1).to(sc.DEVICE)
+        _commit_sglang(pair, steps)
+        hybrid.update_mamba_state_after_mtp_verify(steps, None, None, None)
+        for r, n in zip(rows, accepted.tolist(), strict=True):
+            seq[r] += n
+        assert_close(pair.run("decode", rows, [seq[r] for r in rows]), f"decode after round {round_}")
+        for r in rows:
+            seq[r] += 1
 
 
 def _pool_bytes(pool) -> int:

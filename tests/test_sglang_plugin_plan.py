@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import torch
-from kvbuffer.service.sglang.plugin.plan import plan_decode
+from kvbuffer.service.sglang.plugin import dispatch
+from kvbuffer.service.sglang.plugin.plan import plan_decode, plan_verify
 from kvbuffer.service.sglang.plugin.pools import KVBufferPools
+from kvbuffer.service.sglang.plugin.runtime import Runtime
+from kvbuffer.service.sglang.plugin.settings import PluginSettings
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 CAPACITY, CHUNK = 8, 6
 
@@ -47,3 +51,21 @@ def test_rows_sglang_snapshots_flush_their_whole_buffer() -> None:
     assert torch.equal(plan.buf_lens[:6], lens)
     assert torch.equal(p.lens[:6], torch.where(snapshot[:6], 0, lens + 1).to(torch.int32))
     assert p.lens[p.scratch] == 0
+
+
+def test_plans_and_the_commit_read_nothing_back_to_the_host() -> None:
+    """The Python the plugin runs on every decode and verify step outside a graph (the plans of eager steps, the
+    commit after every verify) must not wait for the device: on CUDA a device value read on the host (.item(), a
+    data-dependent shape such as nonzero's) stalls the scheduler until the step's kernels finish. FakeTensorMode
+    stands in for the device: it holds shapes and no values, so any such read raises."""
+    rows, drafts, width = int(torch.randint(1, 6, ())), 3, 4
+    with FakeTensorMode():
+        p = pools(requests=8)
+        mamba, req = torch.arange(rows) + 2, torch.arange(rows)
+        plan_decode(p, mamba, req, CHUNK, torch.zeros(rows, dtype=torch.bool))
+        plan = plan_verify(p, mamba, req, CHUNK)
+        rt = Runtime(PluginSettings(buffer_size=CAPACITY, chunk_size=2, speculative_num_draft_tokens=drafts), p, {0: 0},
+                     None, plan)
+        conv = [torch.zeros(1, 12, 16, width - 1)]
+        windows = [torch.zeros(1, 9, drafts, 16, width - 1)]
+        dispatch.commit(rt, torch.zeros(rows, dtype=torch.int64), conv, windows)

@@ -75,12 +75,16 @@ def target_verify(rt: Runtime, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Te
 
 def commit(rt: Runtime, last_correct_step: Tensor, conv: list[Tensor], conv_windows: list[Tensor]) -> None:
     """After a verify: keep each row's accepted prefix (last_correct_step + 1 tokens) and roll its conv state to the
-    window SGLang's verify conv stored for that step (row i's windows live in scratch row i)."""
+    window SGLang's verify conv stored for that step (row i's windows live in scratch row i). Masked, not selected:
+    selecting the rows would read their count back to the host, a sync on every verify step; a row not rolled
+    (slot -1 indexes SGLang's padding slot, the pool's last) writes back what it holds."""
     plan = rt.current_plan()
     n = last_correct_step.shape[0]
     planning.commit(rt.pools, plan, last_correct_step + 1)
     slots = plan.read_slots[:n]
-    rows = torch.nonzero((last_correct_step >= 0) & (slots >= 0)).squeeze(1)
-    steps = last_correct_step[rows].long()
+    rolled = (last_correct_step >= 0) & (slots >= 0)
+    rows = torch.arange(n, device=slots.device)
+    steps = last_correct_step.clamp(min=0).long()
     for state, windows in zip(conv, conv_windows, strict=True):
-        state[:, slots[rows]] = windows[:, rows, steps].to(state.dtype)
+        mask = rolled.view(1, n, *(1,) * (state.dim() - 2))
+        state[:, slots] = torch.where(mask, windows[:, rows, steps].to(state.dtype), state[:, slots])

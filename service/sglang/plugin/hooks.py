@@ -121,12 +121,15 @@ def plan_in_graph(result: None, backend: Any, forward_batch: Any) -> None:
 
 def prepare_out_of_graph(result: None, backend: Any, forward_batch: Any, in_capture: bool = False) -> None:
     """Replay preparation: a graph prefill empties its rows' buffers here (eager); graph decode and verify steps
-    are counted (their plan is recorded in the graph)."""
+    are counted, and their plan is the static rows the replay writes (the commit after a verify reads it: the
+    Python-side plan is whatever ran last, the capture of another batch size or an eager step)."""
     rt = _runtime(backend)
     if rt is None or in_capture:
         return
     mode = forward_batch.forward_mode
-    if mode.is_extend() and not mode.is_target_verify():
+    if mode.is_decode_or_idle() or mode.is_target_verify():
+        rt.plan = planning.head(rt.graph_plan, forward_batch.batch_size)
+    elif mode.is_extend():
         rt.plan = _plan(backend, rt, forward_batch)
     _count(rt, forward_batch, forward_batch.batch_size - int(getattr(forward_batch, "num_padding", 0) or 0))
 

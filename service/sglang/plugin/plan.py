@@ -73,13 +73,20 @@ def commit(pools: KVBufferPools, plan: StepPlan, accepted: Tensor) -> None:
         torch.int32)
 
 
+FIELDS = ("buf_slots", "buf_lens", "read_slots", "write_slots", "fold_lens")
+
+
 def into(static: StepPlan, plan: StepPlan) -> StepPlan:
     """`plan` copied into the first rows of `static` (CUDA-graph buffers captured by address); views of them."""
     B = plan.buf_slots.shape[0]
-    fields = ("buf_slots", "buf_lens", "read_slots", "write_slots", "fold_lens")
-    for name in fields:
+    for name in FIELDS:
         getattr(static, name)[:B].copy_(getattr(plan, name))
-    return StepPlan(*(getattr(static, name)[:B] for name in fields))
+    return head(static, B)
+
+
+def head(static: StepPlan, rows: int) -> StepPlan:
+    """Views of the first `rows` rows of `static`: the plan a replayed graph of that batch size writes there."""
+    return StepPlan(*(getattr(static, name)[:rows] for name in FIELDS))
 
 
 def static_plan(max_rows: int, device: torch.device | str) -> StepPlan:

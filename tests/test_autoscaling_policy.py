@@ -221,8 +221,11 @@ def test_a_ramp_is_followed_upward_without_overshoot_then_given_back(rng: random
 
 def test_a_shift_to_recurrent_decoding_scales_out_before_any_queue_and_back_gives_gpus_back(rng: random.Random) -> None:
     spec = _spec()
-    buffered = _load_needing(spec, rng.uniform(2.2, 3.6), rng, mix=tuple(BUFFERED.items()))
-    recurrent = replace(buffered, mix=tuple(RECURRENT.items()))
+    while True:  # a shift that needs more replicas than the buffered load has, past the tolerance band
+        buffered = _load_needing(spec, rng.uniform(2.2, 3.6), rng, mix=tuple(BUFFERED.items()))
+        recurrent = replace(buffered, mix=tuple(RECURRENT.items()))
+        if recurrent.needed(spec) / (1 + spec.tolerance) > math.ceil(buffered.needed(spec)):
+            break
     assert recurrent.waiting == 0 and recurrent.needed(spec) > 1.3 * buffered.needed(spec)
     steps = 8
     shift = [replace(buffered, mix=tuple((p, BUFFERED[p] + (RECURRENT[p] - BUFFERED[p]) * i / steps) for p in PATHS))

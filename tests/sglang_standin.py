@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import signal
 import threading
 from collections.abc import AsyncIterator, Sequence
@@ -54,9 +55,10 @@ TRAINING_TEXT = [
 ]
 
 
-def make_tokenizer(directory: Path) -> Any:
+def make_tokenizer(directory: Path, every_byte: bool = True) -> Any:
     """A byte-level BPE tokenizer trained with `tokenizers` on a few sentences (no hub), saved in directory and
-    loaded back as transformers' fast tokenizer, the kind SGLang loads from a model directory."""
+    loaded back as transformers' fast tokenizer, the kind SGLang loads from a model directory. every_byte=False
+    leaves out the bytes the sentences lack, so that any id sequence decodes to whole (ASCII) characters."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -64,7 +66,7 @@ def make_tokenizer(directory: Path) -> Any:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if every_byte else [])
     tokenizer.train_from_iterator(TRAINING_TEXT, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", unk_token="<unk>",
                                    pad_token="<pad>")
@@ -80,6 +82,19 @@ def next_token(context: Sequence[int], vocab: int) -> int:
 
 def logprob_of(context: Sequence[int], token: int) -> float:
     return -((token * 7 + len(context)) % 50) / 10.0
+
+
+def continuation(prompt: list[int], n: int, vocab: int) -> list[int]:
+    """The n tokens the stand-in model produces after prompt."""
+    ids: list[int] = []
+    for _ in range(n):
+        ids.append(next_token(prompt + ids, vocab))
+    return ids
+
+
+def prompts(rng: random.Random, n: int, vocab: int) -> list[list[int]]:
+    """n fresh prompts of 3 to 11 tokens below vocab, none special."""
+    return [[rng.randrange(len(SPECIAL), vocab) for _ in range(rng.randrange(3, 12))] for _ in range(n)]
 
 
 class StandInSGLang:

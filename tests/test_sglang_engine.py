@@ -25,7 +25,7 @@ from kvbuffer.service.server.settings import ServiceSettings, load_settings
 from kvbuffer.service.sglang.engine import SAMPLING_FIELDS, SGLangEngine, sglang_sampling
 from kvbuffer.v1 import kvbuffer_pb2 as pb
 from service_harness import RunningServer
-from sglang_standin import EOS, SPECIAL, StandInSGLang, logprob_of, make_tokenizer, next_token
+from sglang_standin import EOS, SPECIAL, StandInSGLang, continuation, logprob_of, make_tokenizer, prompts
 
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 
@@ -49,17 +49,6 @@ def serve(tokenizer: Any, stand_in: dict[str, Any] | None = None, **settings: An
 
 async def collect(call: grpc.aio.UnaryStreamCall) -> list[pb.GenerateResponse]:
     return [response async for response in call]
-
-
-def prompts(rng: random.Random, n: int, vocab: int) -> list[list[int]]:
-    return [[rng.randrange(len(SPECIAL), vocab) for _ in range(rng.randrange(3, 12))] for _ in range(n)]
-
-
-def continuation(prompt: list[int], n: int, vocab: int) -> list[int]:
-    ids: list[int] = []
-    for _ in range(n):
-        ids.append(next_token(prompt + ids, vocab))
-    return ids
 
 
 def test_stream_deltas_add_up_to_what_sglang_produced(tokenizer: Any) -> None:

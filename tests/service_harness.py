@@ -110,3 +110,14 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
     key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return cert_file, key_file
+
+
+async def read_tokens(call: Any, at_least: int) -> int:
+    """Reads a Generate stream until at least `at_least` tokens have come (a request known to be decoding); the
+    count read."""
+    received = 0
+    async for response in call:
+        received += len(response.token_ids)
+        if received >= at_least:
+            break
+    return received

@@ -22,7 +22,7 @@ from kvbuffer.v1 import SERVICE_NAME
 from kvbuffer.v1 import kvbuffer_pb2 as pb
 from kvbuffer.v1 import kvbuffer_pb2_grpc as pb_grpc
 from qwen3_next_cases import fresh_seed
-from service_harness import RunningServer
+from service_harness import RunningServer, read_tokens
 
 
 @pytest.fixture(scope="module")
@@ -187,11 +187,7 @@ def test_client_cancel_frees_the_engine_request(server: RunningServer) -> None:
     async def go() -> None:
         async with server.client() as client:
             call = client.generate("cancel me", max_new_tokens=3000, ignore_eos=True)
-            received = 0
-            async for response in call:
-                received += len(response.token_ids)
-                if received >= 80:  # past buffer_size: the request holds a state slot now
-                    break
+            await read_tokens(call, 80)  # past buffer_size: the request holds a state slot now
             assert server.call(lambda: server.server.engine.stats().state_slots_used) == 1
             call.cancel()
 

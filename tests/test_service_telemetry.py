@@ -24,7 +24,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
-from service_harness import RunningServer
+from service_harness import RunningServer, read_tokens
 
 METRICS_DOC = Path(__file__).resolve().parents[1] / "docs" / "METRICS.md"
 
@@ -260,11 +260,7 @@ def test_cancelled_and_timed_out_spans_carry_finish_reason_and_usage(traced: Obs
     async def go() -> int:
         async with traced.server.client() as client:
             call = client.generate(prompt, request_id="cancelled-1", max_new_tokens=3000, ignore_eos=True)
-            received = 0
-            async for response in call:
-                received += len(response.token_ids)
-                if received >= 5:
-                    break
+            received = await read_tokens(call, 5)
             call.cancel()
             with pytest.raises(grpc.aio.AioRpcError) as error:
                 await client.generate_unary(prompt, request_id="timed-out-1", max_new_tokens=3000, ignore_eos=True,

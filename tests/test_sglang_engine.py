@@ -24,7 +24,7 @@ from kvbuffer.service.server.client import KVBufferClient
 from kvbuffer.service.server.settings import ServiceSettings, load_settings
 from kvbuffer.service.sglang.engine import SAMPLING_FIELDS, SGLangEngine, sglang_sampling
 from kvbuffer.v1 import kvbuffer_pb2 as pb
-from service_harness import RunningServer
+from service_harness import RunningServer, read_tokens
 from sglang_standin import EOS, SPECIAL, StandInSGLang, continuation, logprob_of, make_tokenizer, prompts
 
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
@@ -269,11 +269,7 @@ def test_cancel_and_deadline_abort_the_request_in_sglang(tokenizer: Any) -> None
         async def go() -> None:
             async with server.client() as client:
                 call = client.generate([7, 8, 9], max_new_tokens=500, ignore_eos=True)
-                seen = 0
-                async for response in call:
-                    seen += len(response.token_ids)
-                    if seen >= 3:
-                        break
+                await read_tokens(call, 3)
                 call.cancel()
                 with pytest.raises(grpc.aio.AioRpcError) as error:
                     await client.generate_unary([7, 8], max_new_tokens=500, ignore_eos=True, timeout=0.3)
